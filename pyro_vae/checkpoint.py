@@ -1,0 +1,102 @@
+"""Save and load a run: one checkpoint file carries the config, so it alone rebuilds everything."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from pyro import poutine
+
+from .config import Config
+from .model import VAE, build_vae
+from .nets import IMAGE_SHAPE
+
+FORMAT = "pyro_vae.checkpoint/1"
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+class CheckpointError(Exception):
+    """A checkpoint is missing, unreadable, or does not fit the code that reads it."""
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write state atomically: a kill at any moment leaves the previous file readable."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save({"format": FORMAT, **state}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """The checkpoint dict at path (a run directory or a .pt file), loaded without running any code."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a torch file, or holding objects we refuse to unpickle
+        raise CheckpointError(f"{path} is not a readable pyro_vae checkpoint: {e}") from e
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a pyro_vae checkpoint (expected format {FORMAT})")
+    return state
+
+
+class TrainedVAE:
+    """A trained VAE for inspection: the Pyro model and guide plus encode/decode/sample/reconstruct."""
+
+    def __init__(self, vae: VAE, config: Config, state: dict | None = None):
+        self.vae, self.config = vae.eval(), config
+        self.epoch = (state or {}).get("epoch")
+        self.device = next(vae.parameters()).device
+
+    @property
+    def model(self):
+        return self.vae.model
+
+    @property
+    def guide(self):
+        return self.vae.guide
+
+    def _to(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else torch.as_tensor(t).to(self.device)
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor, y=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loc and scale of q(z | x), each (B, latent_dim)."""
+        return self.vae.encoder(self._to(x).reshape(-1, *IMAGE_SHAPE))
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor, y=None) -> torch.Tensor:
+        """Mean of p(x | z): images (..., 1, 28, 28)."""
+        return self.vae.likelihood(self.vae.decoder(self._to(z))).mean
+
+    @torch.no_grad()
+    def sample(self, n: int, y=None) -> torch.Tensor:
+        """n images from the generative model: z from the prior, then the mean of p(x | z)."""
+        template = torch.zeros(n, *IMAGE_SHAPE, device=self.device)  # only its shape is used
+        trace = poutine.trace(poutine.uncondition(self.vae.model)).get_trace(template, self._to(y))
+        return trace.nodes["x"]["fn"].mean
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor, y=None) -> torch.Tensor:
+        """Decode the posterior mean of each image: (B, 1, 28, 28)."""
+        loc, _ = self.encode(x, y)
+        return self.decode(loc, y)
+
+
+def load(path: str | Path, device: str | None = None) -> TrainedVAE:
+    """Load a run directory or checkpoint file for inspection on `device` (default: the CPU)."""
+    state = read_checkpoint(path)
+    try:
+        config = Config.from_dict(state["config"])
+        vae = build_vae(config)
+        vae.load_state_dict(state["model"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path} does not fit this version of pyro_vae: {e}") from e
+    return TrainedVAE(vae.to(device or "cpu"), config, state)

@@ -1,0 +1,132 @@
+"""MNIST through torchvision, from the files this project ships; binarization; batches on the device."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "data" / "mnist"
+FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+IMAGE_SHAPE = (1, 28, 28)
+TEST_BINARIZATION_SEED = 0  # the dynamic test set is drawn once with this seed, so test figures compare across runs
+
+
+class DataError(Exception):
+    """MNIST files are missing, corrupt or unreadable."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_checksums(source: Path) -> dict[str, str]:
+    sums = source / "SHA256SUMS"
+    if not sums.is_file():
+        raise DataError(f"missing checksum file {sums}")
+    lines = (line.split() for line in sums.read_text().splitlines() if line.strip())
+    return {name.lstrip("*"): digest for digest, name in lines}
+
+
+def unpack(data_dir: str | Path, source: Path = SHIPPED_DIR) -> Path:
+    """Unpack the shipped gzipped IDX files into torchvision's raw layout under data_dir, checking each."""
+    raw = Path(data_dir).expanduser() / "MNIST" / "raw"
+    todo = [name for name in FILES if not (raw / name).is_file()]
+    if not todo:
+        return raw
+    checksums = _read_checksums(source)
+    raw.mkdir(parents=True, exist_ok=True)
+    for name in todo:
+        packed = source / f"{name}.gz"
+        if not packed.is_file():
+            raise DataError(f"missing MNIST file {packed}")
+        if checksums.get(packed.name) != _sha256(packed):
+            raise DataError(f"MNIST file {packed} does not match its checksum in {source / 'SHA256SUMS'}")
+        tmp = raw / f"{name}.tmp{os.getpid()}"
+        try:
+            with gzip.open(packed, "rb") as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        except (OSError, EOFError) as e:
+            tmp.unlink(missing_ok=True)
+            raise DataError(f"MNIST file {packed} could not be unpacked: {e}") from e
+        os.replace(tmp, raw / name)  # atomic: a half-written file never looks unpacked
+    return raw
+
+
+def _torchvision_split(data_dir: Path, train: bool, download: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    from torchvision.datasets import MNIST
+
+    split = "train" if train else "t10k"
+    try:
+        ds = MNIST(str(data_dir), train=train, download=download)
+    except RuntimeError as e:
+        if "not found" in str(e):
+            raise DataError(f"MNIST not found under {data_dir / 'MNIST' / 'raw'}: {e}") from e
+        raise DataError(f"MNIST {split} files under {data_dir / 'MNIST' / 'raw'} are corrupt "
+                        f"({e}); delete them to unpack again") from e
+    except (AssertionError, ValueError, TypeError, IndexError) as e:
+        raise DataError(f"MNIST {split} files under {data_dir / 'MNIST' / 'raw'} are corrupt "
+                        f"({e or type(e).__name__}); delete them to unpack again") from e
+    images, labels = ds.data, ds.targets
+    if images.ndim != 3 or images.shape[1:] != IMAGE_SHAPE[1:] or len(images) != len(labels):
+        raise DataError(f"MNIST {split} files under {data_dir / 'MNIST' / 'raw'} have unexpected shapes "
+                        f"{tuple(images.shape)} and {tuple(labels.shape)}")
+    return images, labels
+
+
+@dataclass
+class MNIST:
+    """The whole data set as tensors on one device; images are (N, 1, 28, 28) in [0, 1]."""
+
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor  # already binarized as the test figures use them
+    test_labels: torch.Tensor
+    binarize: str
+
+    @property
+    def num_train(self) -> int:
+        return len(self.train_images)
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return self.num_train // batch_size  # the last partial batch is dropped: fixed shapes
+
+    def train_batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training images at these indices, binarized afresh under `dynamic`."""
+        x = self.train_images[indices]  # (B, 1, 28, 28)
+        if self.binarize == "dynamic":
+            x = torch.bernoulli(x)
+        return x, self.train_labels[indices]
+
+
+def load_mnist(data_dir: str | Path = "~/.cache/pyro_vae", *, binarize: str = "dynamic", device="cpu",
+               download: bool = False, train_size: int = 0, test_size: int = 0,
+               source: Path = SHIPPED_DIR) -> MNIST:
+    """Load MNIST onto `device`, unpacking the shipped files on first use (or downloading with `download`)."""
+    data_dir = Path(data_dir).expanduser()
+    if not download:
+        unpack(data_dir, source)
+    splits = []
+    for train, size in ((True, train_size), (False, test_size)):
+        images, labels = _torchvision_split(data_dir, train, download)
+        if size:
+            images, labels = images[:size], labels[:size]
+        splits.append((images.unsqueeze(1).float().div_(255), labels))
+    (train_x, train_y), (test_x, test_y) = splits
+    if binarize == "threshold":
+        train_x, test_x = (train_x > 0.5).float(), (test_x > 0.5).float()
+    elif binarize == "dynamic":
+        generator = torch.Generator().manual_seed(TEST_BINARIZATION_SEED)
+        test_x = torch.bernoulli(test_x, generator=generator)
+    elif binarize != "none":
+        raise ValueError(f"binarize must be dynamic, threshold or none, not {binarize!r}")
+    return MNIST(train_x.to(device), train_y.to(device), test_x.to(device), test_y.to(device), binarize)

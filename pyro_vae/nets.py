@@ -1,0 +1,84 @@
+"""Encoder and decoder networks: plain nn.Modules, no Pyro in here.
+
+Every network accepts any number of leading batch dimensions, so Pyro can vectorize over
+particles (`(S, B, ...)`) as well as over images (`(B, ...)`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+IMAGE_SHAPE = (1, 28, 28)
+PIXELS = 28 * 28
+
+
+def _cat(h: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+    """Append a conditioning vector (for example a one-hot label) to features h."""
+    if c is None:
+        return h
+    return torch.cat([h, c.expand(*h.shape[:-1], c.shape[-1])], dim=-1)
+
+
+class Encoder(nn.Module):
+    """x (..., 1, 28, 28) -> loc, scale (..., latent_dim) of a diagonal Gaussian."""
+
+    def __init__(self, features: nn.Module, feature_dim: int, latent_dim: int, cond_dim: int = 0):
+        super().__init__()
+        self.features = features
+        self.head = nn.Linear(feature_dim + cond_dim, 2 * latent_dim)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = x.shape[:-3]
+        h = self.features(x.reshape(-1, *IMAGE_SHAPE))  # (B', feature_dim)
+        h = self.head(_cat(h, None if c is None else c.reshape(-1, c.shape[-1])))
+        loc, raw_scale = h.reshape(*batch, -1).chunk(2, dim=-1)
+        return loc, F.softplus(raw_scale) + 1e-4  # floor keeps log q(z|x) finite
+
+
+class Decoder(nn.Module):
+    """z (..., latent_dim) -> per-pixel parameters (..., 1, 28, 28), e.g. Bernoulli logits."""
+
+    def __init__(self, body: nn.Module, latent_dim: int, cond_dim: int = 0):
+        super().__init__()
+        self.latent_dim, self.cond_dim = latent_dim, cond_dim
+        self.body = body
+
+    def forward(self, z: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+        batch = z.shape[:-1]
+        h = _cat(z, c).reshape(-1, self.latent_dim + self.cond_dim)
+        return self.body(h).reshape(*batch, *IMAGE_SHAPE)
+
+
+def conv_nets(latent_dim: int, channels=(32, 64), cond_dim: int = 0) -> tuple[Encoder, Decoder]:
+    """The conv VAE of the TensorFlow and Keras tutorials: Conv 32, 64 (stride 2); ConvTranspose 64, 32, 1."""
+    c1, c2 = channels
+    features = nn.Sequential(
+        nn.Conv2d(1, c1, 3, stride=2, padding=1), nn.ReLU(),  # (B, c1, 14, 14)
+        nn.Conv2d(c1, c2, 3, stride=2, padding=1), nn.ReLU(),  # (B, c2, 7, 7)
+        nn.Flatten(),
+    )
+    body = nn.Sequential(
+        nn.Linear(latent_dim + cond_dim, c1 * 7 * 7), nn.ReLU(),
+        nn.Unflatten(1, (c1, 7, 7)),
+        nn.ConvTranspose2d(c1, c2, 3, stride=2, padding=1, output_padding=1), nn.ReLU(),  # (B, c2, 14, 14)
+        nn.ConvTranspose2d(c2, c1, 3, stride=2, padding=1, output_padding=1), nn.ReLU(),  # (B, c1, 28, 28)
+        nn.ConvTranspose2d(c1, 1, 3, stride=1, padding=1),  # (B, 1, 28, 28)
+    )
+    return Encoder(features, c2 * 7 * 7, latent_dim, cond_dim), Decoder(body, latent_dim, cond_dim)
+
+
+def mlp_nets(latent_dim: int, hidden_dim: int = 400, cond_dim: int = 0) -> tuple[Encoder, Decoder]:
+    """The fully connected VAE of Pyro's tutorial: 784-hidden-z and back."""
+    features = nn.Sequential(nn.Flatten(), nn.Linear(PIXELS, hidden_dim), nn.Softplus())
+    body = nn.Sequential(nn.Linear(latent_dim + cond_dim, hidden_dim), nn.Softplus(),
+                         nn.Linear(hidden_dim, PIXELS))
+    return Encoder(features, hidden_dim, latent_dim, cond_dim), Decoder(body, latent_dim, cond_dim)
+
+
+def make_nets(config, cond_dim: int = 0) -> tuple[Encoder, Decoder]:
+    """Encoder and decoder for config.arch."""
+    if config.arch == "mlp":
+        return mlp_nets(config.latent_dim, config.hidden_dim, cond_dim)
+    return conv_nets(config.latent_dim, tuple(config.conv_channels), cond_dim)

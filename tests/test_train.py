@@ -1,0 +1,110 @@
+"""Training end to end: the loop lowers the loss, the CLI writes every artefact, runs load back exactly."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyro
+import pytest
+import torch
+
+import pyro_vae
+from pyro_vae.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
+from pyro_vae.train import main, train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "pyro_vae.train", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_short_training_run_lowers_the_loss(small_config):
+    config = dataclasses.replace(small_config, epochs=3)
+    run = train(config)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert rows[-1]["train_elbo"] > rows[0]["train_elbo"] + 20
+    assert rows[-1]["test_elbo"] > rows[0]["test_elbo"]
+
+
+def test_checkpoint_holds_the_trained_parameters_and_loads_back_exactly(small_config, tmp_path):
+    run = train(small_config)
+    trained = pyro_vae.load(run)
+    store = pyro.get_param_store()  # still holds the parameters as training left them
+    loaded = dict(trained.vae.named_parameters())
+    assert len(store) == len(loaded) > 0
+    for name, value in store.items():
+        module, param = name.split("$$$")
+        assert torch.equal(loaded[f"{module}.{param}"], value), name
+
+    state = read_checkpoint(run)
+    assert state["epoch"] == 2 and state["step"] == 2 * (512 // 64)
+    assert set(state) >= {"config", "model", "param_store", "optimizer", "rng"}
+    assert trained.config == dataclasses.replace(small_config, out=str(run))
+
+    # round trip: save what was loaded, load it again, get identical outputs
+    save_checkpoint(tmp_path / "copy.pt", {k: v for k, v in state.items() if k != "format"})
+    again = pyro_vae.load(tmp_path / "copy.pt")
+    x = torch.rand(6, 1, 28, 28).bernoulli()
+    for a, b in zip(trained.encode(x), again.encode(x)):
+        assert torch.equal(a, b)
+    assert torch.equal(trained.reconstruct(x), again.reconstruct(x))
+    z = torch.randn(3, small_config.latent_dim)
+    assert torch.equal(trained.decode(z), again.decode(z))
+    torch.manual_seed(5)
+    first = trained.sample(4)
+    torch.manual_seed(5)
+    assert torch.equal(first, again.sample(4)) and first.shape == (4, 1, 28, 28)
+    assert ((first >= 0) & (first <= 1)).all()
+
+
+def test_load_refuses_what_is_not_a_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        pyro_vae.load(tmp_path)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a readable"):
+        pyro_vae.load(tmp_path / "junk.pt")
+    torch.save({"something": 1}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a pyro_vae checkpoint"):
+        pyro_vae.load(tmp_path / "other.pt")
+
+
+def test_cli_smoke_run_writes_every_artefact(data_dir, tmp_path):
+    out = tmp_path / "run"
+    result = _cli("--max-steps", "5", "--train-size", "512", "--test-size", "128", "--batch-size", "32",
+                  "--latent-dim", "2", "--out", str(out), "--data-dir", str(data_dir), "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert "latent_dim" in result.stdout and "test ELBO" in result.stdout  # config printed, epoch line
+    assert json.loads((out / "config.json").read_text())["latent_dim"] == 2
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert set(row) >= {"epoch", "step", "train_elbo", "test_elbo", "seconds", "images_per_s"} and row["step"] == 5
+    for name in ("checkpoint.pt", "loss.png", "images/samples_001.png", "images/recon_001.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert pyro_vae.load(out).config.latent_dim == 2
+
+    again = _cli("--max-steps", "1", "--out", str(out), "--data-dir", str(data_dir))
+    assert again.returncode != 0 and "already holds a run" in again.stderr
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--latent-dim", "0", "--latent-dim must be at least 1"),
+    ("--binarize", "sometimes", "invalid choice"),
+    ("--batch-size", "70000", "--batch-size must be at most"),
+    ("--lr", "0", "--lr must be positive"),
+])
+def test_bad_flags_are_refused_before_loading_data(flag, value, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([flag, value, "--data-dir", str(tmp_path / "nothing-here")])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "nothing-here").exists()
+
+
+def test_cli_exits_2_without_traceback_on_a_bad_flag(tmp_path):
+    result = _cli("--epochs", "-3", "--out", str(tmp_path / "run"))
+    assert result.returncode == 2
+    assert "--epochs must be at least 1" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
