@@ -39,6 +39,25 @@ class Config:
     arch: str = _opt("conv", "encoder/decoder networks", choices=("conv", "mlp"))
     conv_channels: tuple = _opt((32, 64), "channels of the two stride-2 conv layers", minimum=1, nargs=2)
     hidden_dim: int = _opt(400, "hidden units of the mlp networks", minimum=1)
+    # the generative story and the posterior family
+    prior: str = _opt("normal", "p(z)", choices=("normal", "laplace", "studentt", "mog", "vamp", "flow"))
+    prior_components: int = _opt(10, "mixture components of the mog prior, pseudo-inputs of the vamp prior",
+                                 minimum=1)
+    likelihood: str = _opt("bernoulli", "p(x | z); bernoulli needs binarized data, the others --binarize none",
+                           choices=("bernoulli", "continuous-bernoulli", "normal"))
+    guide: str = _opt("normal", "q(z | x): diagonal normal, normal + inverse autoregressive flow, or a point",
+                      choices=("normal", "iaf", "delta"))
+    flow_steps: int = _opt(2, "steps of the iaf guide and of the flow prior", minimum=1)
+    conditional: bool = _opt(False, "label-conditioned CVAE: p(z | y) = Normal(mu_y, I), decoder and guide see y")
+    labels: int = _opt(0, "with --conditional: use only this many training labels, semi-supervised (0: all)",
+                       minimum=0)
+    classifier_weight: float = _opt(46.0, "semi-supervised: weight of log q(y | x) on labelled images", minimum=0.0)
+    # the objective
+    elbo: str = _opt("trace", "trace: Trace_ELBO; meanfield: analytic KL; iwae: importance-weighted bound",
+                     choices=("trace", "meanfield", "iwae"))
+    beta: float = _opt(1.0, "weight of the KL term (beta-VAE)", minimum=0.0)
+    kl_warmup_epochs: float = _opt(0.0, "raise the KL weight linearly from 0 to --beta over this many epochs",
+                                   minimum=0.0)
     # data
     binarize: str = _opt("dynamic", "dynamic: fresh Bernoulli draw per use; threshold: pixel > 0.5; none: grey",
                          choices=("dynamic", "threshold", "none"))
@@ -84,6 +103,9 @@ class Config:
                     problems.append(f"{flag} must be at most {meta['max']}, not {v}")
         if self.lr == 0:
             problems.append("--lr must be positive, not 0")
+        if self.beta == 0:
+            problems.append("--beta must be positive, not 0")
+        problems += self._combination_errors()
         for name in ("train_size", "test_size"):
             limit = {"train_size": 60000, "test_size": 10000}[name]
             if getattr(self, name) > limit:
@@ -97,6 +119,36 @@ class Config:
         elif self.device.startswith("cuda") and not torch.cuda.is_available():
             problems.append(f"--device {self.device} was asked for, but this machine has no CUDA device; "
                             "use --device cpu")
+        return problems
+
+
+    def _combination_errors(self) -> list[str]:
+        from .likelihoods import LIKELIHOODS
+
+        problems = []
+        fits = LIKELIHOODS[self.likelihood].fits if self.likelihood in LIKELIHOODS else ()
+        if self.binarize in ("dynamic", "threshold", "none") and fits and self.binarize not in fits:
+            kind = "binary" if self.likelihood == "bernoulli" else "grey-valued"
+            problems.append(f"--likelihood {self.likelihood} models {kind} pixels: use it with --binarize "
+                            f"{' or '.join(fits)}, not --binarize {self.binarize}")
+        if self.conditional and self.prior != "normal":
+            problems.append("--conditional has its own prior p(z | y) = Normal(mu_y, I): leave --prior normal")
+        if self.labels and not self.conditional:
+            problems.append("--labels needs --conditional (the label-conditioned model)")
+        if self.labels and self.labels < 10:
+            problems.append(f"--labels must be at least 10 (one per digit), not {self.labels}")
+        if self.labels > (self.train_size or 60000):
+            problems.append(f"--labels must be at most the number of training images, not {self.labels}")
+        if self.elbo == "meanfield" and not (self.guide == "normal" and self.prior == "normal"):
+            problems.append("--elbo meanfield uses the analytic KL, which exists here only for --guide normal "
+                            f"with --prior normal, not --guide {self.guide} --prior {self.prior}")
+        if self.elbo == "iwae" and self.num_particles < 2:
+            problems.append("--elbo iwae needs --num-particles 2 or more (with 1 it is the ordinary ELBO)")
+        if self.labels and self.elbo != "trace":
+            problems.append(f"--labels (semi-supervised) sums over unknown labels with TraceEnum_ELBO: "
+                            f"use --elbo trace, not --elbo {self.elbo}")
+        if "flow" in (self.prior, self.guide.replace("iaf", "flow")) and self.latent_dim < 2:
+            problems.append("--prior flow and --guide iaf need --latent-dim 2 or more")
         return problems
 
 

@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,13 +93,55 @@ class MNIST:
     test_images: torch.Tensor  # already binarized as the test figures use them
     test_labels: torch.Tensor
     binarize: str
+    labelled: torch.Tensor | None = None  # semi-supervised: indices of the only training labels used
 
     @property
     def num_train(self) -> int:
         return len(self.train_images)
 
+    def keep_labels(self, n: int, seed: int = 0) -> None:
+        """Use only n training labels, n // 10 of each digit (chosen with a fixed seed); the rest are unlabelled."""
+        generator = torch.Generator().manual_seed(seed)
+        labels = self.train_labels.cpu()
+        chosen = []
+        for digit in range(10):
+            where = (labels == digit).nonzero().squeeze(1)
+            take = n // 10 + (1 if digit < n % 10 else 0)
+            chosen.append(where[torch.randperm(len(where), generator=generator)[:take]])
+        self.labelled = torch.cat(chosen).sort().values.to(self.train_labels.device)
+
+    def _batches(self, indices: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+        perm = indices[torch.randperm(len(indices), device=indices.device)]
+        return list(perm[:len(perm) // batch_size * batch_size].split(batch_size))  # drop the partial batch
+
     def steps_per_epoch(self, batch_size: int) -> int:
-        return self.num_train // batch_size  # the last partial batch is dropped: fixed shapes
+        if self.labelled is None:
+            return self.num_train // batch_size
+        labelled_batch = min(batch_size, len(self.labelled))
+        return (self.num_train - len(self.labelled)) // batch_size + len(self.labelled) // labelled_batch
+
+    def epoch(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """One pass over the training set in random order, as (x, y) batches.
+
+        Semi-supervised, unlabelled batches come with y = None and the labelled batches are spread
+        evenly among them, one pass over the labelled images per epoch.
+        """
+        device = self.train_images.device
+        if self.labelled is None:
+            for idx in self._batches(torch.arange(self.num_train, device=device), batch_size):
+                yield self.train_batch(idx)
+            return
+        unlabelled = torch.ones(self.num_train, dtype=torch.bool, device=device)
+        unlabelled[self.labelled] = False
+        plain = self._batches(unlabelled.nonzero().squeeze(1), batch_size)
+        labelled = self._batches(self.labelled, min(batch_size, len(self.labelled)))
+        every = max(1, -(-len(plain) // max(1, len(labelled))))  # ceil
+        for i, idx in enumerate(plain):
+            if i % every == 0 and labelled:
+                yield self.train_batch(labelled.pop())
+            yield self.train_batch(idx)[0], None
+        for idx in labelled:
+            yield self.train_batch(idx)
 
     def train_batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Training images at these indices, binarized afresh under `dynamic`."""

@@ -15,10 +15,14 @@ PIXELS = 28 * 28
 
 
 def _cat(h: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
-    """Append a conditioning vector (for example a one-hot label) to features h."""
+    """Append a conditioning vector (a one-hot label) to features h, broadcasting their batch dims.
+
+    Under enumeration of the label, c is (10, 1, 10) while h is (B, F): the result is (10, B, F + 10).
+    """
     if c is None:
         return h
-    return torch.cat([h, c.expand(*h.shape[:-1], c.shape[-1])], dim=-1)
+    batch = torch.broadcast_shapes(h.shape[:-1], c.shape[:-1])
+    return torch.cat([h.expand(*batch, h.shape[-1]), c.expand(*batch, c.shape[-1])], dim=-1)
 
 
 class Encoder(nn.Module):
@@ -30,10 +34,8 @@ class Encoder(nn.Module):
         self.head = nn.Linear(feature_dim + cond_dim, 2 * latent_dim)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = x.shape[:-3]
-        h = self.features(x.reshape(-1, *IMAGE_SHAPE))  # (B', feature_dim)
-        h = self.head(_cat(h, None if c is None else c.reshape(-1, c.shape[-1])))
-        loc, raw_scale = h.reshape(*batch, -1).chunk(2, dim=-1)
+        h = self.features(x.reshape(-1, *IMAGE_SHAPE)).reshape(*x.shape[:-3], -1)  # (..., feature_dim)
+        loc, raw_scale = self.head(_cat(h, c)).chunk(2, dim=-1)
         return loc, F.softplus(raw_scale) + 1e-4  # floor keeps log q(z|x) finite
 
 
@@ -46,9 +48,8 @@ class Decoder(nn.Module):
         self.body = body
 
     def forward(self, z: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
-        batch = z.shape[:-1]
-        h = _cat(z, c).reshape(-1, self.latent_dim + self.cond_dim)
-        return self.body(h).reshape(*batch, *IMAGE_SHAPE)
+        h = _cat(z, c)
+        return self.body(h.reshape(-1, h.shape[-1])).reshape(*h.shape[:-1], *IMAGE_SHAPE)
 
 
 def conv_nets(latent_dim: int, channels=(32, 64), cond_dim: int = 0) -> tuple[Encoder, Decoder]:
@@ -75,6 +76,25 @@ def mlp_nets(latent_dim: int, hidden_dim: int = 400, cond_dim: int = 0) -> tuple
     body = nn.Sequential(nn.Linear(latent_dim + cond_dim, hidden_dim), nn.Softplus(),
                          nn.Linear(hidden_dim, PIXELS))
     return Encoder(features, hidden_dim, latent_dim, cond_dim), Decoder(body, latent_dim, cond_dim)
+
+
+class Classifier(nn.Module):
+    """x (..., 1, 28, 28) -> logits (..., num_classes) of q(y | x), for the semi-supervised model."""
+
+    def __init__(self, features: nn.Module, feature_dim: int, num_classes: int = 10):
+        super().__init__()
+        self.features = features
+        self.head = nn.Linear(feature_dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.features(x.reshape(-1, *IMAGE_SHAPE)).reshape(*x.shape[:-3], -1)
+        return self.head(h)
+
+
+def make_classifier(config, num_classes: int = 10) -> Classifier:
+    """A network of the same family as the encoder that predicts the digit."""
+    encoder, _ = make_nets(config)
+    return Classifier(encoder.features, encoder.head.in_features, num_classes)
 
 
 def make_nets(config, cond_dim: int = 0) -> tuple[Encoder, Decoder]:

@@ -1,0 +1,167 @@
+"""Every variant is a piece of the model or guide: each validates, trains, and is selectable by name."""
+
+import dataclasses
+
+import pyro
+import pytest
+import torch
+from pyro import poutine
+from pyro.infer import SVI, Trace_ELBO
+
+from pyro_vae import Config, build_vae
+from pyro_vae.checkpoint import TrainedVAE
+from pyro_vae.config import parse_args
+from pyro_vae.data import load_mnist
+from pyro_vae.evaluate import log_weights
+from pyro_vae.priors import LabelConditional
+from pyro_vae.train import kl_weight, make_elbo
+
+VARIANTS = {
+    "prior normal": {},
+    "prior laplace": {"prior": "laplace"},
+    "prior studentt": {"prior": "studentt"},
+    "prior mog": {"prior": "mog", "prior_components": 3},
+    "prior vamp": {"prior": "vamp", "prior_components": 3},
+    "prior flow": {"prior": "flow"},
+    "likelihood continuous-bernoulli": {"likelihood": "continuous-bernoulli", "binarize": "none"},
+    "likelihood normal": {"likelihood": "normal", "binarize": "none"},
+    "guide iaf": {"guide": "iaf"},
+    "guide delta": {"guide": "delta"},
+    "elbo meanfield": {"elbo": "meanfield"},
+    "elbo iwae": {"elbo": "iwae", "num_particles": 4},
+    "beta with warm-up": {"beta": 2.0, "kl_warmup_epochs": 1.0},
+    "conditional": {"conditional": True},
+    "semi-supervised": {"conditional": True, "labels": 100},
+}
+
+
+def _config(data_dir, **changes):
+    base = Config(latent_dim=4, conv_channels=(8, 16), batch_size=32, train_size=960, test_size=64,
+                  data_dir=str(data_dir), device="cpu")
+    return dataclasses.replace(base, **changes)
+
+
+@pytest.fixture(scope="module")
+def datasets(data_dir):
+    return {mode: load_mnist(data_dir, binarize=mode, train_size=960, test_size=64) for mode in ("dynamic", "none")}
+
+
+def _data(datasets, config):
+    data = datasets["none" if config.binarize == "none" else "dynamic"]
+    data.labelled = None
+    if config.labels:
+        data.keep_labels(config.labels)
+    return data
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_variant_validates_and_30_steps_lower_its_loss(variant, datasets, data_dir):
+    config = _config(data_dir, **VARIANTS[variant])
+    assert not config.errors()
+    data = _data(datasets, config)
+    vae = build_vae(config, num_data=data.num_train)
+    x, y = data.test_images[:8], data.test_labels[:8]
+    guide_trace = poutine.trace(vae.guide).get_trace(x, None if config.labels else y)
+    model_trace = poutine.trace(poutine.replay(vae.model, trace=guide_trace)).get_trace(x, None)
+    guide_trace.compute_log_prob()  # validates each site under pyro.enable_validation(True)
+    model_trace.compute_log_prob()
+    assert model_trace.nodes["z"]["fn"].event_shape == (4,) and model_trace.nodes["x"]["fn"].event_shape == (1, 28, 28)
+
+    svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 3e-3}), loss=make_elbo(config))
+    losses, steps = [], 0
+    while steps < 30:
+        for xb, yb in data.epoch(config.batch_size):
+            vae.kl_weight = kl_weight(config, (steps + 1) / 30)
+            losses.append(svi.step(xb, yb) / data.num_train)
+            steps += 1
+            if steps == 30:
+                break
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert torch.isfinite(torch.tensor(losses)).all()
+    assert last < first - 5, f"{variant}: loss went from {first:.1f} to {last:.1f}"
+
+
+def test_cvae_learns_class_means_that_move_apart(datasets, data_dir):
+    config = _config(data_dir, conditional=True)
+    data = _data(datasets, config)
+    vae = build_vae(config, num_data=data.num_train)
+    assert isinstance(vae.prior, LabelConditional)
+    assert torch.pdist(vae.prior.class_means.detach()).max() == 0  # all classes start at Normal(0, I)
+    svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 1e-2}), loss=make_elbo(config))
+    for _ in range(2):
+        for xb, yb in data.epoch(config.batch_size):
+            svi.step(xb, yb)
+    distances = torch.pdist(vae.prior.class_means.detach())  # between the 45 pairs of digits
+    assert distances.min() > 0.02 and distances.mean() > 0.1, distances
+
+    trained = TrainedVAE(vae, config)
+    assert trained.sample(5, y=7).shape == (5, 1, 28, 28)
+    assert trained.sample_grid().shape == (80, 1, 28, 28)  # one row of 8 per digit
+    # the CVAE's samples depend on the digit asked for
+    torch.manual_seed(0)
+    sevens = trained.sample(4, y=7)
+    torch.manual_seed(0)
+    assert not torch.equal(sevens, trained.sample(4, y=1))
+
+
+def test_kl_weight_scales_exactly_the_latent_terms(data_dir):
+    """With weight b the loss is -(log p(x|z) + b (log p(z) - log q(z|x))): no loss code, a poutine.scale."""
+    vae = build_vae(_config(data_dir))
+    x = torch.rand(6, 1, 28, 28).bernoulli()
+    vae.kl_weight = 0.25
+    pyro.set_rng_seed(3)
+    loss = Trace_ELBO().loss(vae.model, vae.guide, x)
+    pyro.set_rng_seed(3)
+    guide_trace = poutine.trace(vae.guide).get_trace(x)
+    model_trace = poutine.trace(poutine.replay(vae.model, trace=guide_trace)).get_trace(x)
+    model_trace.compute_log_prob()
+    guide_trace.compute_log_prob()
+    reconstruction = model_trace.nodes["x"]["unscaled_log_prob"].sum()
+    latent = model_trace.nodes["z"]["unscaled_log_prob"].sum() - guide_trace.nodes["z"]["unscaled_log_prob"].sum()
+    assert loss == pytest.approx(-(reconstruction + 0.25 * latent).item(), rel=1e-5)
+    # the reported figure is always the unweighted ELBO
+    pyro.set_rng_seed(3)
+    assert log_weights(vae, x)[0].sum().item() == pytest.approx((reconstruction + latent).item(), rel=1e-5)
+
+
+def test_kl_warmup_schedule():
+    config = Config(beta=4.0, kl_warmup_epochs=2.0)
+    assert [kl_weight(config, e) for e in (0.5, 1.0, 2.0, 5.0)] == [1.0, 2.0, 4.0, 4.0]
+    assert kl_weight(Config(beta=0.5), 0.1) == 0.5
+
+
+def test_iwae_loss_is_the_importance_weighted_bound(data_dir):
+    vae = build_vae(_config(data_dir, elbo="iwae", num_particles=5))
+    x = torch.rand(3, 1, 28, 28).bernoulli()
+    pyro.set_rng_seed(4)
+    loss = make_elbo(vae_config := _config(data_dir, elbo="iwae", num_particles=5)).loss(vae.model, vae.guide, x)
+    pyro.set_rng_seed(4)
+    weights = log_weights(vae, x, num_samples=vae_config.num_particles)  # (K, B)
+    bound = (weights.logsumexp(0) - torch.log(torch.tensor(5.0))).sum()
+    assert loss == pytest.approx(-bound.item(), rel=1e-4)
+
+
+def test_semi_supervised_epoch_mixes_labelled_and_unlabelled_batches(datasets, data_dir):
+    config = _config(data_dir, conditional=True, labels=100)
+    data = _data(datasets, config)
+    assert len(data.labelled) == 100 and data.train_labels[data.labelled].bincount().tolist() == [10] * 10
+    batches = list(data.epoch(config.batch_size))
+    labelled = [y for _, y in batches if y is not None]
+    assert len(batches) == data.steps_per_epoch(config.batch_size)
+    assert len(labelled) == 100 // 32 and sum(y is None for _, y in batches) == (960 - 100) // 32
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--binarize", "none"], "--likelihood bernoulli models binary pixels"),
+    (["--likelihood", "normal"], "--likelihood normal models grey-valued pixels"),
+    (["--elbo", "meanfield", "--guide", "iaf"], "--elbo meanfield uses the analytic KL"),
+    (["--elbo", "iwae"], "--elbo iwae needs --num-particles 2 or more"),
+    (["--conditional", "--prior", "vamp"], "--conditional has its own prior"),
+    (["--labels", "100"], "--labels needs --conditional"),
+    (["--conditional", "--labels", "100", "--elbo", "iwae", "--num-particles", "3"], "TraceEnum_ELBO"),
+    (["--prior", "flow", "--latent-dim", "1"], "need --latent-dim 2 or more"),
+])
+def test_nonsense_combinations_are_refused_with_a_reason(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(flags)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
