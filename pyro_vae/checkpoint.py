@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -129,8 +130,11 @@ def load(path: str | Path, device: str | None = None) -> TrainedVAE:
     state = read_checkpoint(path)
     try:
         config = Config.from_dict(state["config"])
+        problems = dataclasses.replace(config, device="cpu").errors()  # the device is chosen here, not there
+        if problems:
+            raise ValueError("; ".join(problems))
         vae = build_vae(config)
         vae.load_state_dict(state["model"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
         raise CheckpointError(f"{path} does not fit this version of pyro_vae: {e}") from e
     return TrainedVAE(vae.to(device or "cpu"), config, state)

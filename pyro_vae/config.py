@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -175,12 +176,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv=None) -> Config:
-    """Parse command-line flags into a checked Config; bad values exit with code 2 and a message."""
+RUN_OPTIONS = ("resume", "overwrite")  # what to do with the run directory: flags that are not hyperparameters
+
+
+def parse_command_line(argv=None) -> tuple[Config, argparse.Namespace]:
+    """Parse flags into a checked Config and the run options; bad values exit with code 2 and a message."""
     parser = build_parser()
+    run = parser.add_argument_group("run directory")
+    run.add_argument("--resume", metavar="RUN", help="continue the interrupted run in RUN with its saved config")
+    run.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     args = vars(parser.parse_args(argv))
+    options = argparse.Namespace(**{k: args.pop(k) for k in RUN_OPTIONS})
+    if options.resume:
+        given = sorted({a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:])
+                        if a.startswith("--")} - {"--resume"})
+        if given:
+            parser.error(f"--resume continues a run with its saved config; drop {', '.join(given)}")
+        return Config.from_dict(args), options
     config = Config.from_dict(args)
     problems = config.errors()
     if problems:
         parser.error("; ".join(problems))
-    return config
+    return config, options
+
+
+def parse_args(argv=None) -> Config:
+    """Parse command-line flags into a checked Config; bad values exit with code 2 and a message."""
+    return parse_command_line(argv)[0]

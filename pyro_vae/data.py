@@ -120,35 +120,38 @@ class MNIST:
         labelled_batch = min(batch_size, len(self.labelled))
         return (self.num_train - len(self.labelled)) // batch_size + len(self.labelled) // labelled_batch
 
-    def epoch(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-        """One pass over the training set in random order, as (x, y) batches.
+    def plan_epoch(self, batch_size: int) -> list[tuple[torch.Tensor, bool]]:
+        """The batches of one pass over the training set in random order: (indices, labels used?) each.
 
-        Semi-supervised, unlabelled batches come with y = None and the labelled batches are spread
-        evenly among them, one pass over the labelled images per epoch.
+        Semi-supervised, the labelled batches are spread evenly among the unlabelled ones, one pass
+        over the labelled images per epoch. The plan is data, so a checkpoint can carry it.
         """
         device = self.train_images.device
         if self.labelled is None:
-            for idx in self._batches(torch.arange(self.num_train, device=device), batch_size):
-                yield self.train_batch(idx)
-            return
+            return [(idx, True) for idx in self._batches(torch.arange(self.num_train, device=device), batch_size)]
         unlabelled = torch.ones(self.num_train, dtype=torch.bool, device=device)
         unlabelled[self.labelled] = False
         plain = self._batches(unlabelled.nonzero().squeeze(1), batch_size)
         labelled = self._batches(self.labelled, min(batch_size, len(self.labelled)))
         every = max(1, -(-len(plain) // max(1, len(labelled))))  # ceil
+        plan = []
         for i, idx in enumerate(plain):
             if i % every == 0 and labelled:
-                yield self.train_batch(labelled.pop())
-            yield self.train_batch(idx)[0], None
-        for idx in labelled:
-            yield self.train_batch(idx)
+                plan.append((labelled.pop(), True))
+            plan.append((idx, False))
+        return plan + [(idx, True) for idx in labelled]
 
-    def train_batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training images at these indices, binarized afresh under `dynamic`."""
+    def batch(self, indices: torch.Tensor, labelled: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Training images at these indices, binarized afresh under `dynamic`, with labels if they are used."""
         x = self.train_images[indices]  # (B, 1, 28, 28)
         if self.binarize == "dynamic":
             x = torch.bernoulli(x)
-        return x, self.train_labels[indices]
+        return x, self.train_labels[indices] if labelled else None
+
+    def epoch(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """One pass over the training set as (x, y) batches; y is None where labels are not used."""
+        for indices, labelled in self.plan_epoch(batch_size):
+            yield self.batch(indices, labelled)
 
 
 def load_mnist(data_dir: str | Path = "~/.cache/pyro_vae", *, binarize: str = "dynamic", device="cpu",

@@ -1,9 +1,13 @@
-"""The SVI training loop; `python -m pyro_vae.train` is a thin shell over `train(config)`."""
+"""The SVI training loop; `python -m pyro_vae.train` is a thin shell over `train(config)` and `resume(run)`."""
 
 from __future__ import annotations
 
 import json
+import math
+import shutil
+import signal
 import sys
+import threading
 import time
 import warnings
 from contextlib import contextmanager
@@ -16,23 +20,42 @@ from pyro.infer import SVI, RenyiELBO, Trace_ELBO, TraceEnum_ELBO, TraceMeanFiel
 from tqdm.auto import tqdm
 
 from . import plot
-from .checkpoint import CHECKPOINT_NAME, TrainedVAE, save_checkpoint
-from .config import Config, parse_args
+from .checkpoint import CHECKPOINT_NAME, CheckpointError, TrainedVAE, read_checkpoint, save_checkpoint
+from .config import Config, parse_command_line
 from .data import DataError, load_mnist
 from .evaluate import elbo_per_image
 from .model import build_vae
 
 NUM_RECONSTRUCTIONS_SHOWN = 32  # fixed test digits, shown above their reconstructions
+BEST_NAME = "best.pt"
 
 
 class RunDirError(Exception):
     """The run directory cannot be used."""
 
 
-def make_run_dir(config: Config) -> Path:
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived; the run was checkpointed after the step in progress."""
+
+    def __init__(self, run_dir: Path, signum: int):
+        self.run_dir, self.signum = run_dir, signum
+        name = signal.Signals(signum).name
+        super().__init__(f"{name}: stopped and saved {run_dir / CHECKPOINT_NAME}; "
+                         f"continue with: python -m pyro_vae.train --resume {run_dir}")
+
+
+class Diverged(Exception):
+    """The loss stopped being a finite number."""
+
+
+def make_run_dir(config: Config, overwrite: bool = False) -> Path:
+    """The run directory (created); an existing run in it is an error unless overwrite."""
     out = Path(config.out or f"runs/{datetime.now():%Y%m%d-%H%M%S}").expanduser()
     if (out / CHECKPOINT_NAME).exists() or (out / "metrics.jsonl").exists():
-        raise RunDirError(f"run directory {out} already holds a run; choose another --out")
+        if not overwrite:
+            raise RunDirError(f"run directory {out} already holds a run; choose another --out, "
+                              f"continue it with --resume {out}, or replace it with --overwrite")
+        shutil.rmtree(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     return out
 
@@ -50,6 +73,35 @@ def _rng_state(device: torch.device) -> dict:
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+class _StopRequest:
+    """Turns SIGINT/SIGTERM into a flag the loop checks after each step; a second signal stops at once."""
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def make_elbo(config: Config):
@@ -82,13 +134,27 @@ def test_figures(trained: TrainedVAE, data) -> dict:
     return figures
 
 
-def train(config: Config) -> Path:
+def train(config: Config, overwrite: bool = False) -> Path:
     """Train the VAE that config describes; return the run directory it wrote."""
-    out = make_run_dir(config)
+    out = make_run_dir(config, overwrite)
     config.out = str(out)
-    print(f"pyro_vae: training in {out}\n{config.describe()}", flush=True)
     config.save(out / "config.json")
+    return _fit(config, out, state=None)
 
+
+def resume(run_dir: str | Path) -> Path:
+    """Continue an interrupted run from its last checkpoint, with its saved config, to the same end."""
+    state = read_checkpoint(run_dir)
+    try:
+        config = Config.from_dict(state["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{run_dir} holds a checkpoint of another version of pyro_vae: {e}") from e
+    return _fit(config, Path(config.out), state)
+
+
+def _fit(config: Config, out: Path, state: dict | None) -> Path:
+    """The loop shared by train and resume: state is a checkpoint to continue from, or None."""
+    print(f"pyro_vae: {'resuming' if state else 'training'} in {out}\n{config.describe()}", flush=True)
     device = torch.device(config.device)
     pyro.set_rng_seed(config.seed)
     data = load_mnist(config.data_dir, binarize=config.binarize, device=device, download=config.download,
@@ -102,60 +168,102 @@ def train(config: Config) -> Path:
     optimizer = pyro.optim.Adam({"lr": config.lr})
     svi = SVI(vae.model, vae.guide, optimizer, loss=make_elbo(config))
 
-    steps_per_epoch = data.steps_per_epoch(config.batch_size)
+    epoch, step, plan, position, losses, best = 1, 0, None, 0, [], -math.inf
+    if state is not None:
+        vae.load_state_dict(state["model"])
+        optimizer.set_state(state["optimizer"])  # Adam's moments, applied as each parameter reappears
+        _set_rng_state(state["rng"], device)
+        epoch, step, best = state["epoch"] + 1, state["step"], state.get("best_test_elbo", -math.inf)
+        if state.get("plan") is not None:  # interrupted inside an epoch: finish that epoch's plan
+            plan = [(idx.to(device), labelled) for idx, labelled in zip(state["plan"], state["plan_labelled"])]
+            position, losses = state["position"], list(state["epoch_losses"])
+
+    def checkpoint(epochs_done: int, **extra) -> dict:
+        snapshot = {"config": config.to_dict(), "epoch": epochs_done, "step": step,
+                    "model": vae.state_dict(), "optimizer": optimizer.get_state(), "rng": _rng_state(device),
+                    "param_store": {name: p.detach() for name, p in pyro.get_param_store().items()},
+                    "best_test_elbo": best, **extra}
+        save_checkpoint(out / CHECKPOINT_NAME, snapshot)
+        return snapshot
+
     shown = data.test_images[:NUM_RECONSTRUCTIONS_SHOWN]
     shown_labels = data.test_labels[:NUM_RECONSTRUCTIONS_SHOWN]
-    step = 0
-    for epoch in range(1, config.epochs + 1):
-        vae.train()
-        start, losses = time.perf_counter(), []
-        bar = tqdm(data.epoch(config.batch_size), total=steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}",
-                   leave=False, disable=None)
-        for i, (x, y) in enumerate(bar):
-            vae.kl_weight = kl_weight(config, epoch - 1 + (i + 1) / steps_per_epoch)
-            losses.append(svi.step(x, y))
-            step += 1
-            if i % 20 == 0:
-                bar.set_postfix(elbo=f"{-sum(losses[-20:]) / len(losses[-20:]) / data.num_train:.2f}")
-            if step == config.max_steps:
-                break
-        bar.close()
-        seconds = time.perf_counter() - start
-        vae.eval()
+    with _StopRequest() as stop:
+        while epoch <= config.epochs and not (config.max_steps and step >= config.max_steps):
+            vae.train()
+            start = time.perf_counter()
+            plan = plan or data.plan_epoch(config.batch_size)
+            bar = tqdm(total=len(plan), initial=position, desc=f"epoch {epoch}/{config.epochs}", leave=False,
+                       disable=None)
+            for i in range(position, len(plan)):
+                x, y = data.batch(*plan[i])
+                vae.kl_weight = kl_weight(config, epoch - 1 + (i + 1) / len(plan))
+                loss = svi.step(x, y)
+                if not math.isfinite(loss):
+                    raise Diverged(f"step {step + 1} (epoch {epoch}): the loss became {loss}. The learning rate "
+                                   f"(--lr {config.lr}) is probably too high. The last good checkpoint is kept "
+                                   f"in {out / CHECKPOINT_NAME}.")
+                losses.append(loss)
+                step += 1
+                bar.update()
+                if i % 20 == 0:
+                    bar.set_postfix(elbo=f"{-sum(losses[-20:]) / len(losses[-20:]) / data.num_train:.2f}")
+                if stop.signum is not None and i + 1 < len(plan):
+                    bar.close()
+                    checkpoint(epoch - 1, plan=[idx.cpu() for idx, _ in plan], plan_labelled=[lab for _, lab in plan],
+                               position=i + 1, epoch_losses=losses)
+                    raise Interrupted(out, stop.signum)
+                if step == config.max_steps:
+                    break
+            bar.close()
+            seconds = time.perf_counter() - start
+            vae.eval()
 
-        with _seeded(config.seed, device):  # the same z for the test ELBO and pictures every epoch
-            figures = test_figures(trained, data)
-            plot.image_grid(trained.sample_grid(), out / "images" / f"samples_{epoch:03d}.png")
-            plot.reconstruction_grid(shown, trained.reconstruct(shown, shown_labels),
-                                     out / "images" / f"recon_{epoch:03d}.png")
+            with _seeded(config.seed, device):  # the same z for the test ELBO and pictures every epoch
+                figures = test_figures(trained, data)
+                plot.image_grid(trained.sample_grid(), out / "images" / f"samples_{epoch:03d}.png")
+                plot.reconstruction_grid(shown, trained.reconstruct(shown, shown_labels),
+                                         out / "images" / f"recon_{epoch:03d}.png")
 
-        row = {"epoch": epoch, "step": step, "train_elbo": -sum(losses) / len(losses) / data.num_train, **figures,
-               "seconds": seconds, "images_per_s": len(losses) * config.batch_size / seconds,
-               "kl_weight": vae.kl_weight}
-        accuracy = f"  accuracy {figures['test_accuracy']:.4f}" if "test_accuracy" in figures else ""
-        print(f"epoch {epoch:3d}/{config.epochs}  train ELBO {row['train_elbo']:9.2f}  "
-              f"test ELBO {figures['test_elbo']:9.2f}{accuracy}  {seconds:6.1f} s  "
-              f"{row['images_per_s']:7.0f} img/s", flush=True)
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-        save_checkpoint(out / CHECKPOINT_NAME, {
-            "config": config.to_dict(), "epoch": epoch, "step": step, "model": vae.state_dict(),
-            "param_store": {name: p.detach() for name, p in pyro.get_param_store().items()},
-            "optimizer": optimizer.get_state(), "rng": _rng_state(device), "metrics": row,
-        })
-        if step == config.max_steps:
-            break
+            row = {"epoch": epoch, "step": step, "train_elbo": -sum(losses) / len(losses) / data.num_train,
+                   **figures, "seconds": seconds, "images_per_s": len(losses) * config.batch_size / seconds,
+                   "kl_weight": vae.kl_weight}
+            accuracy = f"  accuracy {figures['test_accuracy']:.4f}" if "test_accuracy" in figures else ""
+            print(f"epoch {epoch:3d}/{config.epochs}  train ELBO {row['train_elbo']:9.2f}  "
+                  f"test ELBO {figures['test_elbo']:9.2f}{accuracy}  {seconds:6.1f} s  "
+                  f"{row['images_per_s']:7.0f} img/s", flush=True)
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            improved = figures["test_elbo"] > best
+            best = max(best, figures["test_elbo"])
+            snapshot = checkpoint(epoch)
+            if improved:
+                save_checkpoint(out / BEST_NAME, snapshot)
+            if stop.signum is not None:
+                raise Interrupted(out, stop.signum)
+            epoch, plan, position, losses = epoch + 1, None, 0, []
     plot.loss_curve(out)
     print(f"pyro_vae: done; load the run with pyro_vae.load({str(out)!r})", flush=True)
     return out
 
 
 def main(argv=None) -> int:
-    config = parse_args(argv)
+    """The command line: parse flags (exit 2 on bad ones), then train or resume."""
+    config, options = parse_command_line(argv)
     try:
-        train(config)
-    except (DataError, RunDirError) as e:
+        if options.resume:
+            resume(options.resume)
+        else:
+            train(config, overwrite=options.overwrite)
+    except Interrupted as e:
+        print(f"\npyro_vae: {e}", file=sys.stderr)
+        return 128 + e.signum
+    except (DataError, RunDirError, CheckpointError, Diverged) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except torch.cuda.OutOfMemoryError:
+        print(f"error: CUDA ran out of memory; try a smaller --batch-size (now {config.batch_size}) "
+              f"or --eval-batch-size (now {config.eval_batch_size})", file=sys.stderr)
         return 1
     return 0
 

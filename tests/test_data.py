@@ -90,6 +90,6 @@ def test_binarization_modes(data_dir):
     assert set(dynamic.test_images.unique().tolist()) == {0.0, 1.0}
     # training images are binarized afresh each time they are used
     idx = torch.arange(50)
-    first, second = dynamic.train_batch(idx)[0], dynamic.train_batch(idx)[0]
+    first, second = dynamic.batch(idx)[0], dynamic.batch(idx)[0]
     assert set(first.unique().tolist()) == {0.0, 1.0} and not torch.equal(first, second)
-    assert torch.equal(threshold.train_batch(idx)[0], threshold.train_batch(idx)[0])
+    assert torch.equal(threshold.batch(idx)[0], threshold.batch(idx)[0])
