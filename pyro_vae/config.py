@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,6 +116,10 @@ class Config:
         if self.batch_size > train_n:
             problems.append(f"--batch-size must be at most the number of training images ({train_n}), "
                             f"not {self.batch_size}")
+        world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
+        if self.batch_size % world:
+            problems.append(f"--batch-size is the global batch and must divide evenly among the {world} "
+                            f"torchrun processes, not {self.batch_size}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             problems.append(f"--device must be cpu or cuda[:N], not {self.device!r}")
         elif self.device.startswith("cuda") and not torch.cuda.is_available():

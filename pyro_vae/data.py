@@ -110,8 +110,8 @@ class MNIST:
             chosen.append(where[torch.randperm(len(where), generator=generator)[:take]])
         self.labelled = torch.cat(chosen).sort().values.to(self.train_labels.device)
 
-    def _batches(self, indices: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
-        perm = indices[torch.randperm(len(indices), device=indices.device)]
+    def _batches(self, indices: torch.Tensor, batch_size: int, generator=None) -> list[torch.Tensor]:
+        perm = indices[torch.randperm(len(indices), device=indices.device, generator=generator)]
         return list(perm[:len(perm) // batch_size * batch_size].split(batch_size))  # drop the partial batch
 
     def steps_per_epoch(self, batch_size: int) -> int:
@@ -120,7 +120,7 @@ class MNIST:
         labelled_batch = min(batch_size, len(self.labelled))
         return (self.num_train - len(self.labelled)) // batch_size + len(self.labelled) // labelled_batch
 
-    def plan_epoch(self, batch_size: int) -> list[tuple[torch.Tensor, bool]]:
+    def plan_epoch(self, batch_size: int, generator: torch.Generator | None = None) -> list[tuple[torch.Tensor, bool]]:
         """The batches of one pass over the training set in random order: (indices, labels used?) each.
 
         Semi-supervised, the labelled batches are spread evenly among the unlabelled ones, one pass
@@ -128,11 +128,12 @@ class MNIST:
         """
         device = self.train_images.device
         if self.labelled is None:
-            return [(idx, True) for idx in self._batches(torch.arange(self.num_train, device=device), batch_size)]
+            everything = torch.arange(self.num_train, device=device)
+            return [(idx, True) for idx in self._batches(everything, batch_size, generator)]
         unlabelled = torch.ones(self.num_train, dtype=torch.bool, device=device)
         unlabelled[self.labelled] = False
-        plain = self._batches(unlabelled.nonzero().squeeze(1), batch_size)
-        labelled = self._batches(self.labelled, min(batch_size, len(self.labelled)))
+        plain = self._batches(unlabelled.nonzero().squeeze(1), batch_size, generator)
+        labelled = self._batches(self.labelled, min(batch_size, len(self.labelled)), generator)
         every = max(1, -(-len(plain) // max(1, len(labelled))))  # ceil
         plan = []
         for i, idx in enumerate(plain):
@@ -148,9 +149,10 @@ class MNIST:
             x = torch.bernoulli(x)
         return x, self.train_labels[indices] if labelled else None
 
-    def epoch(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    def epoch(self, batch_size: int, generator: torch.Generator | None = None
+              ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         """One pass over the training set as (x, y) batches; y is None where labels are not used."""
-        for indices, labelled in self.plan_epoch(batch_size):
+        for indices, labelled in self.plan_epoch(batch_size, generator):
             yield self.batch(indices, labelled)
 
 

@@ -19,11 +19,11 @@ import torch
 from pyro.infer import SVI, RenyiELBO, Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
 from tqdm.auto import tqdm
 
-from . import plot
 from .checkpoint import CHECKPOINT_NAME, CheckpointError, TrainedVAE, read_checkpoint, save_checkpoint
 from .config import Config, parse_command_line
 from .data import DataError, load_mnist
 from .evaluate import elbo_per_image
+from . import distributed, plot
 from .model import build_vae
 
 NUM_RECONSTRUCTIONS_SHOWN = 32  # fixed test digits, shown above their reconstructions
@@ -136,10 +136,12 @@ def test_figures(trained: TrainedVAE, data) -> dict:
 
 def train(config: Config, overwrite: bool = False) -> Path:
     """Train the VAE that config describes; return the run directory it wrote."""
-    out = make_run_dir(config, overwrite)
-    config.out = str(out)
-    config.save(out / "config.json")
-    return _fit(config, out, state=None)
+    ranks = distributed.setup(torch.device(config.device).type)
+    if ranks.is_main:  # under torchrun only rank 0 writes the run directory
+        out = make_run_dir(config, overwrite)
+        config.out = str(out)
+        config.save(out / "config.json")
+    return _fit(config, Path(config.out), None, ranks)
 
 
 def resume(run_dir: str | Path) -> Path:
@@ -149,13 +151,25 @@ def resume(run_dir: str | Path) -> Path:
         config = Config.from_dict(state["config"])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{run_dir} holds a checkpoint of another version of pyro_vae: {e}") from e
-    return _fit(config, Path(config.out), state)
+    run_dir = Path(run_dir).expanduser()
+    out = run_dir if run_dir.is_dir() else run_dir.parent
+    return _fit(config, out, state, distributed.setup(torch.device(config.device).type))
 
 
-def _fit(config: Config, out: Path, state: dict | None) -> Path:
+def _fit(config: Config, out: Path, state: dict | None, ranks: distributed.Ranks) -> Path:
     """The loop shared by train and resume: state is a checkpoint to continue from, or None."""
-    print(f"pyro_vae: {'resuming' if state else 'training'} in {out}\n{config.describe()}", flush=True)
+    try:
+        return _loop(config, out, state, ranks)
+    finally:
+        distributed.teardown(ranks)
+
+
+def _loop(config: Config, out: Path, state: dict | None, ranks: distributed.Ranks) -> Path:
+    if ranks.is_main:
+        print(f"pyro_vae: {'resuming' if state else 'training'} in {out}\n{config.describe()}", flush=True)
     device = torch.device(config.device)
+    if device.type == "cuda" and ranks.active:
+        device = torch.device("cuda", ranks.local_rank)
     pyro.set_rng_seed(config.seed)
     data = load_mnist(config.data_dir, binarize=config.binarize, device=device, download=config.download,
                       train_size=config.train_size, test_size=config.test_size)
@@ -163,10 +177,18 @@ def _fit(config: Config, out: Path, state: dict | None) -> Path:
         data.keep_labels(config.labels, config.seed)
     vae = build_vae(config, num_data=data.num_train).to(device)
     trained = TrainedVAE(vae, config)
+    if ranks.active:
+        distributed.broadcast_parameters(vae, ranks)
+        pyro.set_rng_seed(config.seed + ranks.rank)  # each rank its own noise; the batch order is shared below
 
     pyro.clear_param_store()  # params of an earlier model in this process must not leak into this one
     optimizer = pyro.optim.Adam({"lr": config.lr})
-    svi = SVI(vae.model, vae.guide, optimizer, loss=make_elbo(config))
+    stop = _StopRequest()
+    if ranks.active:
+        svi = distributed.DistributedSVI(vae.model, vae.guide, optimizer, loss=make_elbo(config), ranks=ranks,
+                                         stop=stop)
+    else:
+        svi = SVI(vae.model, vae.guide, optimizer, loss=make_elbo(config))
 
     epoch, step, plan, position, losses, best = 1, 0, None, 0, [], -math.inf
     if state is not None:
@@ -188,15 +210,18 @@ def _fit(config: Config, out: Path, state: dict | None) -> Path:
 
     shown = data.test_images[:NUM_RECONSTRUCTIONS_SHOWN]
     shown_labels = data.test_labels[:NUM_RECONSTRUCTIONS_SHOWN]
-    with _StopRequest() as stop:
+    with stop:
         while epoch <= config.epochs and not (config.max_steps and step >= config.max_steps):
             vae.train()
             start = time.perf_counter()
-            plan = plan or data.plan_epoch(config.batch_size)
+            # the batch order comes from its own seeded stream, the same on every rank
+            plan = plan or data.plan_epoch(config.batch_size,
+                                           torch.Generator(device).manual_seed(config.seed * 1_000_003 + epoch))
             bar = tqdm(total=len(plan), initial=position, desc=f"epoch {epoch}/{config.epochs}", leave=False,
-                       disable=None)
+                       disable=None if ranks.is_main else True)
             for i in range(position, len(plan)):
-                x, y = data.batch(*plan[i])
+                indices, labelled = plan[i]
+                x, y = data.batch(indices.chunk(ranks.world)[ranks.rank], labelled)  # this rank's shard
                 vae.kl_weight = kl_weight(config, epoch - 1 + (i + 1) / len(plan))
                 loss = svi.step(x, y)
                 if not math.isfinite(loss):
@@ -210,13 +235,19 @@ def _fit(config: Config, out: Path, state: dict | None) -> Path:
                     bar.set_postfix(elbo=f"{-sum(losses[-20:]) / len(losses[-20:]) / data.num_train:.2f}")
                 if stop.signum is not None and i + 1 < len(plan):
                     bar.close()
-                    checkpoint(epoch - 1, plan=[idx.cpu() for idx, _ in plan], plan_labelled=[lab for _, lab in plan],
-                               position=i + 1, epoch_losses=losses)
+                    if ranks.is_main:
+                        checkpoint(epoch - 1, plan=[idx.cpu() for idx, _ in plan],
+                                   plan_labelled=[lab for _, lab in plan], position=i + 1, epoch_losses=losses)
                     raise Interrupted(out, stop.signum)
                 if step == config.max_steps:
                     break
             bar.close()
             seconds = time.perf_counter() - start
+            if not ranks.is_main:  # evaluation, pictures and checkpoints are rank 0's
+                if stop.signum is not None:
+                    raise Interrupted(out, stop.signum)
+                epoch, plan, position, losses = epoch + 1, None, 0, []
+                continue
             vae.eval()
 
             with _seeded(config.seed, device):  # the same z for the test ELBO and pictures every epoch
@@ -242,6 +273,8 @@ def _fit(config: Config, out: Path, state: dict | None) -> Path:
             if stop.signum is not None:
                 raise Interrupted(out, stop.signum)
             epoch, plan, position, losses = epoch + 1, None, 0, []
+    if not ranks.is_main:
+        return out
     plot.loss_curve(out)
     print(f"pyro_vae: done; load the run with pyro_vae.load({str(out)!r})", flush=True)
     return out
