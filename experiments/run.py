@@ -1,0 +1,173 @@
+"""Run an experiment: train, evaluate, and add a row to experiments/results.csv and the README table.
+
+    uv run python experiments/run.py tf_tutorial            # the short (CPU) version
+    uv run python experiments/run.py conv32 --full          # the full (GPU) version
+    uv run python experiments/run.py --list
+    uv run python experiments/run.py --table                # rewrite the README table from results.csv
+
+Each experiment is a TOML file in experiments/configs/: Config fields under [config], and the
+fields that differ between the short and the full version under [short] and [full].
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import subprocess
+import sys
+import time
+import tomllib
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from pyro_vae import Config, load
+from pyro_vae.evaluate import evaluate_run
+from pyro_vae.train import train
+
+HERE = Path(__file__).resolve().parent
+CONFIGS = HERE / "configs"
+RESULTS = HERE / "results.csv"
+README = HERE.parent / "README.md"
+COLUMNS = ["experiment", "version", "variant", "epochs", "device", "train_minutes", "test_elbo", "log_px", "k",
+           "images", "active_units", "extra", "date", "commit"]
+TABLE_START, TABLE_END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def experiment(name: str) -> dict:
+    path = CONFIGS / f"{name}.toml"
+    if not path.is_file():
+        raise SystemExit(f"error: no experiment {name!r}; see --list")
+    return tomllib.loads(path.read_text())
+
+
+def experiment_config(name: str, full: bool, out_root: Path, device: str | None) -> Config:
+    """The Config of one version of an experiment, checked like the CLI checks flags."""
+    spec = experiment(name)
+    version = "full" if full else "short"
+    settings = {**spec.get("config", {}), **spec.get(version, {})}
+    settings["out"] = str(out_root / f"{name}-{version}-{date.today():%Y%m%d}-{int(time.time()) % 100000}")
+    if device:
+        settings["device"] = device
+    config = Config.from_dict({**Config().to_dict(), **settings})
+    problems = config.errors()
+    if problems:
+        raise SystemExit(f"error: experiment {name}: " + "; ".join(problems))
+    return config
+
+
+def _commit() -> str:
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True).stdout.strip()
+
+    return git("rev-parse", "--short", "HEAD") + ("-dirty" if git("status", "--porcelain", "pyro_vae") else "")
+
+
+def _variant(config: Config) -> str:
+    """The fields that differ from the defaults, as flags."""
+    default = Config()
+    skip = {"out", "device", "epochs", "data_dir"}
+    changed = [f for f in dataclasses.fields(Config)
+               if f.name not in skip and getattr(config, f.name) != getattr(default, f.name)]
+    return " ".join(f"--{f.name.replace('_', '-')} {getattr(config, f.name)}" for f in changed) or "defaults"
+
+
+def extra_figures(run_dir: Path, config: Config) -> str:
+    """Figures beyond the table's columns: for the CVAE, how often an independent classifier recognises
+    the digit asked for in its samples; semi-supervised, the test accuracy of q(y | x)."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    extra = []
+    if config.conditional:
+        from digit_classifier import sample_recognition
+
+        extra.append(f"samples recognised {sample_recognition(load(run_dir, device=config.device)):.3f}")
+    if "test_accuracy" in rows[-1]:
+        extra.append(f"classifier accuracy {rows[-1]['test_accuracy']:.4f}")
+    return "; ".join(extra)
+
+
+def run(name: str, *, full: bool, k: int, limit: int, out_root: Path, device: str | None) -> dict:
+    """Train and evaluate one experiment; append its row to the results file and the README table."""
+    config = experiment_config(name, full, out_root, device)
+    started = time.perf_counter()
+    run_dir = train(config)
+    minutes = (time.perf_counter() - started) / 60
+    figures = evaluate_run(load(run_dir, device=config.device), k=k, limit=limit, device=config.device)
+    row = {
+        "experiment": name, "version": "full" if full else "short", "variant": _variant(config),
+        "epochs": config.epochs, "device": _device_name(config.device), "train_minutes": f"{minutes:.1f}",
+        "test_elbo": f"{figures['elbo']['mean']:.2f}", "log_px": f"{figures['log_px']['mean']:.2f}",
+        "k": k, "images": figures["num_images"], "active_units": figures["active_units"],
+        "extra": extra_figures(run_dir, config), "date": f"{date.today():%Y-%m-%d}", "commit": _commit(),
+    }
+    new = not RESULTS.exists()
+    with open(RESULTS, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+    write_table()
+    print(f"experiment {name}: " + ", ".join(f"{key} {row[key]}" for key in COLUMNS[3:11]))
+    return row
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"CPU ({torch.get_num_threads()} threads)"
+
+
+def markdown_table() -> str:
+    rows = list(csv.DictReader(open(RESULTS))) if RESULTS.exists() else []
+    head = ("| experiment | version | variant | epochs | device | train min | test ELBO | log p(x) (K) | images "
+            "| active units | other | date | commit |")
+    lines = [head, "|" + " --- |" * 13]
+    for r in rows:
+        lines.append(f"| {r['experiment']} | {r['version']} | `{r['variant']}` | {r['epochs']} | {r['device']} | "
+                     f"{r['train_minutes']} | {r['test_elbo']} | {r['log_px']} ({r['k']}) | {r['images']} | "
+                     f"{r['active_units']} | {r['extra']} | {r['date']} | {r['commit']} |")
+    return "\n".join(lines)
+
+
+def write_table() -> None:
+    """Replace the README's results table with the rows of results.csv."""
+    text = README.read_text()
+    if TABLE_START not in text:
+        return
+    before, rest = text.split(TABLE_START, 1)
+    after = rest.split(TABLE_END, 1)[1]
+    README.write_text(f"{before}{TABLE_START}\n{markdown_table()}\n{TABLE_END}{after}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("names", nargs="*", help="experiments to run, one after the other")
+    parser.add_argument("--full", action="store_true", help="the full (GPU) version instead of the short one")
+    parser.add_argument("--k", type=int, default=1000, help="importance samples for log p(x)")
+    parser.add_argument("--limit", type=int, default=0, help="evaluate on the first N test images (0: all)")
+    parser.add_argument("--device", help="override the device of the config")
+    parser.add_argument("--out-root", type=Path, default=Path("runs/experiments"))
+    parser.add_argument("--list", action="store_true", help="list the experiments")
+    parser.add_argument("--table", action="store_true", help="rewrite the README table from results.csv")
+    args = parser.parse_args(argv)
+    if args.list:
+        for path in sorted(CONFIGS.glob("*.toml")):
+            print(f"{path.stem:40s} {tomllib.loads(path.read_text())['description']}")
+        return 0
+    if args.table:
+        write_table()
+        return 0
+    if not args.names:
+        parser.error("name at least one experiment (see --list)")
+    for name in args.names:
+        experiment(name)  # fail on a typo before hours of training
+    for name in args.names:
+        run(name, full=args.full, k=args.k, limit=args.limit, out_root=args.out_root, device=args.device)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

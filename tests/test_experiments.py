@@ -1,0 +1,50 @@
+"""The experiments runner: every config is valid, and a tiny experiment adds a real row to the table."""
+
+import csv
+import importlib.util
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from pyro_vae import Config
+
+EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+
+
+@pytest.fixture
+def runner(monkeypatch):
+    monkeypatch.syspath_prepend(str(EXPERIMENTS))
+    spec = importlib.util.spec_from_file_location("experiments_run", EXPERIMENTS / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("path", sorted((EXPERIMENTS / "configs").glob("*.toml")), ids=lambda p: p.stem)
+@pytest.mark.parametrize("full", [False, True])
+def test_every_experiment_is_a_valid_config(path, full, runner, tmp_path):
+    spec = tomllib.loads(path.read_text())
+    assert spec["description"] and spec["reference"]
+    config = runner.experiment_config(path.stem, full, tmp_path, device="cpu")
+    assert isinstance(config, Config) and config.errors() == []
+
+
+def test_a_tiny_experiment_adds_a_row_to_the_csv_and_the_readme(runner, tmp_path, data_dir, monkeypatch):
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "tiny.toml").write_text(
+        'description = "tiny"\nreference = "none"\n[config]\nlatent_dim = 2\nconv_channels = [4, 8]\n'
+        f'train_size = 256\ntest_size = 64\nbatch_size = 64\ndata_dir = "{data_dir}"\n[short]\nepochs = 1\n[full]\n')
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{runner.TABLE_START}\nold\n{runner.TABLE_END}\nafter\n")
+    monkeypatch.setattr(runner, "CONFIGS", tmp_path / "configs")
+    monkeypatch.setattr(runner, "RESULTS", tmp_path / "results.csv")
+    monkeypatch.setattr(runner, "README", readme)
+    assert runner.main(["tiny", "--k", "5", "--limit", "16", "--out-root", str(tmp_path / "runs"), "--device", "cpu"]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+    assert len(rows) == 1 and rows[0]["experiment"] == "tiny" and rows[0]["version"] == "short"
+    assert float(rows[0]["log_px"]) >= float(rows[0]["test_elbo"])  # the K-sample bound is the tighter one
+    assert rows[0]["k"] == "5" and rows[0]["images"] == "16" and "--latent-dim 2" in rows[0]["variant"]
+    text = readme.read_text()
+    assert "old" not in text and "| tiny | short |" in text and text.endswith("after\n")
