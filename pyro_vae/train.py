@@ -134,6 +134,29 @@ def test_figures(trained: TrainedVAE, data) -> dict:
     return figures
 
 
+def _end_of_epoch(trained: TrainedVAE, data, out: Path, epoch: int, step: int, losses: list[float],
+                  seconds: float) -> dict:
+    """Evaluate, draw the epoch's pictures, print its line and append it to metrics.jsonl."""
+    config, vae = trained.config, trained.vae
+    vae.eval()
+    shown = data.test_images[:NUM_RECONSTRUCTIONS_SHOWN]
+    with _seeded(config.seed, trained.device):  # the same z for the test ELBO and pictures every epoch
+        figures = test_figures(trained, data)
+        plot.image_grid(trained.sample_grid(), out / "images" / f"samples_{epoch:03d}.png")
+        reconstructions = trained.reconstruct(shown, data.test_labels[:NUM_RECONSTRUCTIONS_SHOWN])
+        plot.reconstruction_grid(shown, reconstructions, out / "images" / f"recon_{epoch:03d}.png")
+    row = {"epoch": epoch, "step": step, "train_elbo": -sum(losses) / len(losses) / data.num_train, **figures,
+           "seconds": seconds, "images_per_s": len(losses) * config.batch_size / seconds,
+           "kl_weight": vae.kl_weight}
+    accuracy = f"  accuracy {figures['test_accuracy']:.4f}" if "test_accuracy" in figures else ""
+    print(f"epoch {epoch:3d}/{config.epochs}  train ELBO {row['train_elbo']:9.2f}  "
+          f"test ELBO {figures['test_elbo']:9.2f}{accuracy}  {seconds:6.1f} s  "
+          f"{row['images_per_s']:7.0f} img/s", flush=True)
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    return figures
+
+
 def train(config: Config, overwrite: bool = False) -> Path:
     """Train the VAE that config describes; return the run directory it wrote."""
     ranks = distributed.setup(torch.device(config.device).type)
@@ -208,8 +231,6 @@ def _loop(config: Config, out: Path, state: dict | None, ranks: distributed.Rank
         save_checkpoint(out / CHECKPOINT_NAME, snapshot)
         return snapshot
 
-    shown = data.test_images[:NUM_RECONSTRUCTIONS_SHOWN]
-    shown_labels = data.test_labels[:NUM_RECONSTRUCTIONS_SHOWN]
     with stop:
         while epoch <= config.epochs and not (config.max_steps and step >= config.max_steps):
             vae.train()
@@ -243,33 +264,12 @@ def _loop(config: Config, out: Path, state: dict | None, ranks: distributed.Rank
                     break
             bar.close()
             seconds = time.perf_counter() - start
-            if not ranks.is_main:  # evaluation, pictures and checkpoints are rank 0's
-                if stop.signum is not None:
-                    raise Interrupted(out, stop.signum)
-                epoch, plan, position, losses = epoch + 1, None, 0, []
-                continue
-            vae.eval()
-
-            with _seeded(config.seed, device):  # the same z for the test ELBO and pictures every epoch
-                figures = test_figures(trained, data)
-                plot.image_grid(trained.sample_grid(), out / "images" / f"samples_{epoch:03d}.png")
-                plot.reconstruction_grid(shown, trained.reconstruct(shown, shown_labels),
-                                         out / "images" / f"recon_{epoch:03d}.png")
-
-            row = {"epoch": epoch, "step": step, "train_elbo": -sum(losses) / len(losses) / data.num_train,
-                   **figures, "seconds": seconds, "images_per_s": len(losses) * config.batch_size / seconds,
-                   "kl_weight": vae.kl_weight}
-            accuracy = f"  accuracy {figures['test_accuracy']:.4f}" if "test_accuracy" in figures else ""
-            print(f"epoch {epoch:3d}/{config.epochs}  train ELBO {row['train_elbo']:9.2f}  "
-                  f"test ELBO {figures['test_elbo']:9.2f}{accuracy}  {seconds:6.1f} s  "
-                  f"{row['images_per_s']:7.0f} img/s", flush=True)
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-            improved = figures["test_elbo"] > best
-            best = max(best, figures["test_elbo"])
-            snapshot = checkpoint(epoch)
-            if improved:
-                save_checkpoint(out / BEST_NAME, snapshot)
+            if ranks.is_main:  # evaluation, pictures and checkpoints are rank 0's
+                figures = _end_of_epoch(trained, data, out, epoch, step, losses, seconds)
+                improved, best = figures["test_elbo"] > best, max(best, figures["test_elbo"])
+                snapshot = checkpoint(epoch)
+                if improved:
+                    save_checkpoint(out / BEST_NAME, snapshot)
             if stop.signum is not None:
                 raise Interrupted(out, stop.signum)
             epoch, plan, position, losses = epoch + 1, None, 0, []
