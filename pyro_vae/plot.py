@@ -1,12 +1,24 @@
-"""Figures: image grids and training curves."""
+"""Figures: image grids, training curves, the latent space and the posterior; `python -m pyro_vae.plot RUN`.
+
+Each picture of a run is a function that takes a run from `pyro_vae.load` (plus data) and returns a
+matplotlib Figure, so notebooks show the same pictures the command line saves. Figures are built
+without pyplot: no global state, nothing shown twice in a notebook, no backend needed to save them.
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
+import sys
 from pathlib import Path
 
 import torch
-from torchvision.utils import save_image
+from torchvision.utils import make_grid, save_image
+
+from .checkpoint import CheckpointError, load
+from .data import DataError, load_mnist
+from .evaluate import grid_posteriors, posterior_params
 
 
 def image_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> None:
@@ -23,20 +35,40 @@ def reconstruction_grid(originals: torch.Tensor, reconstructions: torch.Tensor, 
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl, one dict per epoch."""
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def loss_curve(run_dir: Path, path: Path | None = None) -> Path:
+def _figure(width: float, height: float):
+    """A Figure not registered with pyplot: it is saved, or shown once as a notebook cell's value."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def _grid_array(images: torch.Tensor, nrow: int):
+    """Images (N, 1, 28, 28) as one (H, W) array for imshow, with lines between them."""
+    grid = make_grid(images.detach().float().cpu().clamp(0, 1), nrow=nrow, padding=2, pad_value=0.2)
+    return grid[0].numpy()  # drawn with cmap="gray_r": ink black, background white, lines grey
+
+
+def image_panels(panels: dict[str, torch.Tensor], nrow: int = 8, panel_width: float = 3.2):
+    """Image grids side by side, one titled panel per entry: e.g. samples of several runs."""
+    fig = _figure(panel_width * len(panels), panel_width * 1.1)
+    for i, (title, images) in enumerate(panels.items()):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        ax.imshow(_grid_array(images, nrow), cmap="gray_r")
+        ax.set_axis_off()
+        ax.set_title(title, fontsize=9)
+    return fig
+
+
+def training_curves(run_dir: Path):
     """Train and test ELBO per epoch, from the run's metrics file."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = read_metrics(run_dir)
-    path = Path(path or Path(run_dir) / "loss.png")
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = _figure(6, 4)
+    ax = fig.add_subplot()
     epochs = [r["epoch"] for r in rows]
     ax.plot(epochs, [r["train_elbo"] for r in rows], "o-", label="train ELBO")
     ax.plot(epochs, [r["test_elbo"] for r in rows], "s-", label="test ELBO")
@@ -44,7 +76,291 @@ def loss_curve(run_dir: Path, path: Path | None = None) -> Path:
     ax.set_ylabel("ELBO (nats per image)")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
+
+
+def loss_curve(run_dir: Path, path: Path | None = None) -> Path:
+    """Save the training curves as a PNG (default RUN/loss.png)."""
+    path = Path(path or Path(run_dir) / "loss.png")
+    training_curves(run_dir).savefig(path, dpi=100)
     return path
+
+
+def samples_gif(run_dir: Path, path: Path | None = None, ms_per_frame: int = 500) -> Path:
+    """An animated GIF of the per-epoch sample grids (RUN/images/samples_NNN.png), each frame labelled."""
+    from PIL import Image, ImageDraw
+
+    frames_in = sorted((Path(run_dir) / "images").glob("samples_*.png"))
+    if not frames_in:
+        raise FileNotFoundError(f"no sample grids under {Path(run_dir) / 'images'}")
+    frames = []
+    for file in frames_in:
+        grid = Image.open(file).convert("RGB")
+        frame = Image.new("RGB", (grid.width, grid.height + 16), "white")
+        frame.paste(grid, (0, 16))
+        ImageDraw.Draw(frame).text((4, 2), f"epoch {int(file.stem.split('_')[-1])}", fill="black")
+        frames.append(frame)
+    path = Path(path or Path(run_dir) / "samples.gif")
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=ms_per_frame, loop=0)
+    return path
+
+
+def _digit_colours(ax, points, labels, fig, **kwargs):
+    """Scatter points (N, 2) coloured by digit label, with a colour bar of the ten digits."""
+    scatter = ax.scatter(points[:, 0], points[:, 1], c=labels, cmap="tab10", vmin=-0.5, vmax=9.5, **kwargs)
+    bar = fig.colorbar(scatter, ax=ax, ticks=range(10))
+    bar.set_label("digit")
+    return scatter
+
+
+@torch.no_grad()
+def latent_scatter(run, images: torch.Tensor, labels: torch.Tensor):
+    """Posterior means of images coloured by digit: the latent plane itself in 2-D, its first two principal axes above."""
+    loc, _ = posterior_params(run, images, labels)
+    loc, labels = loc.double().cpu(), labels.cpu()
+    fig = _figure(6.5, 5.5)
+    ax = fig.add_subplot()
+    if loc.shape[1] == 1:
+        points = torch.stack([loc[:, 0], labels + 0.6 * (torch.rand(len(labels)) - 0.5)], -1)
+        ax.set_xlabel("$z$")
+        ax.set_ylabel("digit (jittered)")
+    elif loc.shape[1] == 2:
+        points = loc
+        ax.set_xlabel("$z_0$")
+        ax.set_ylabel("$z_1$")
+        ax.set_aspect("equal")
+    else:
+        centred = loc - loc.mean(0)
+        _, s, v = torch.linalg.svd(centred, full_matrices=False)
+        points = centred @ v[:2].T
+        share = (s ** 2 / (s ** 2).sum())[:2].tolist()
+        ax.set_xlabel(f"principal axis 1 ({share[0]:.0%} of the variance)")
+        ax.set_ylabel(f"principal axis 2 ({share[1]:.0%})")
+    _digit_colours(ax, points.numpy(), labels.numpy(), fig, s=4, alpha=0.7, linewidths=0)
+    ax.set_title(f"posterior means of {len(loc)} test digits"
+                 + ("" if loc.shape[1] <= 2 else f" ({loc.shape[1]}-D, projected)"))
+    return fig
+
+
+def most_active_axes(run, images: torch.Tensor, labels: torch.Tensor | None = None, count: int = 2) -> list[int]:
+    """The latent dimensions whose posterior means vary most over the images (the most active units)."""
+    loc, _ = posterior_params(run, images, labels)
+    return loc.var(0).argsort(descending=True)[:count].sort().values.tolist()
+
+
+@torch.no_grad()
+def latent_manifold(run, axes: tuple[int, int] = (0, 1), n: int = 15, span: float = 2.5):
+    """Decoded images on an n x n grid of latent values in [-span, span] along two axes, the other dims at 0."""
+    values = torch.linspace(-span, span, n)
+    z = torch.zeros(n, n, run.config.latent_dim)
+    z[..., axes[0]] = values[None, :]  # columns: axes[0] grows to the right
+    z[..., axes[1]] = values.flip(0)[:, None]  # rows: axes[1] grows upwards
+    images = run.decode(z.reshape(n * n, -1))
+    fig = _figure(7, 7)
+    ax = fig.add_subplot()
+    half = span * n / (n - 1)  # each image is centred on its grid value
+    ax.imshow(_grid_array(images, n), cmap="gray_r", extent=(-half, half, -half, half))
+    ax.set_xlabel(f"$z_{{{axes[0]}}}$")
+    ax.set_ylabel(f"$z_{{{axes[1]}}}$")
+    others = "" if run.config.latent_dim == 2 else ", the other dimensions at 0"
+    ax.set_title(f"decoded grid of latent values{others}")
+    return fig
+
+
+def lerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Points (T, D) on the straight line from a to b at fractions t (T,)."""
+    t = t[:, None]
+    return (1 - t) * a + t * b
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Points (T, D) on the great-circle arc from a to b at fractions t (T,), norms interpolated linearly.
+
+    Under a standard-normal prior most mass lies near a sphere; the straight line cuts inside it.
+    """
+    norm_a, norm_b = a.norm(), b.norm()
+    cos = torch.dot(a / norm_a, b / norm_b).clamp(-1, 1)
+    omega = torch.arccos(cos)
+    if omega.abs() < 1e-4:  # (nearly) parallel: the arc is the line
+        return lerp(a, b, t)
+    t = t[:, None]
+    direction = (torch.sin((1 - t) * omega) * a / norm_a + torch.sin(t * omega) * b / norm_b) / torch.sin(omega)
+    return direction * ((1 - t) * norm_a + t * norm_b)
+
+
+@torch.no_grad()
+def interpolation(run, x_a: torch.Tensor, x_b: torch.Tensor, steps: int = 10, y_a=None, y_b=None):
+    """Decoded images between the posterior means of two digits, along the line and along the arc."""
+    loc, _ = posterior_params(run, torch.stack([x_a, x_b]),
+                              None if y_a is None else torch.as_tensor([y_a, y_b]))
+    t = torch.linspace(0, 1, steps, device=loc.device)
+    fig = _figure(1.0 * (steps + 2), 2.8)
+    for row, (name, path) in enumerate((("linear", lerp(loc[0], loc[1], t)),
+                                        ("spherical", slerp(loc[0], loc[1], t)))):
+        images = torch.cat([x_a[None].to(loc.device), run.decode(path), x_b[None].to(loc.device)])
+        ax = fig.add_subplot(2, 1, row + 1)
+        ax.imshow(_grid_array(images, steps + 2), cmap="gray_r")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(name)
+    fig.suptitle("interpolation between two test digits (ends: the originals)")
+    return fig
+
+
+@torch.no_grad()
+def posterior_ellipses(run, images: torch.Tensor, labels: torch.Tensor, chosen: torch.Tensor,
+                       draws: torch.Tensor | None = None, axes: tuple[int, int] = (0, 1)):
+    """q(z | x) of the chosen images: means and 1- and 2-sigma ellipses over all posterior means; optional draws."""
+    from matplotlib.patches import Ellipse
+
+    loc, scale = posterior_params(run, images, labels)
+    loc, scale, labels = loc[:, axes].cpu(), scale[:, axes].cpu(), labels.cpu()
+    fig = _figure(7, 6)
+    ax = fig.add_subplot()
+    _digit_colours(ax, loc.numpy(), labels.numpy(), fig, s=3, alpha=0.25, linewidths=0)
+    for i in chosen.tolist():
+        (mx, my), (sx, sy) = loc[i].tolist(), scale[i].tolist()
+        for k in (1, 2):
+            ax.add_patch(Ellipse((mx, my), 2 * k * sx, 2 * k * sy, fill=False, lw=1.2, color="black"))
+        ax.annotate(str(labels[i].item()), (mx, my), xytext=(4, 4), textcoords="offset points", fontsize=11,
+                    weight="bold")
+    if draws is not None:  # (S, len(chosen), latent_dim), e.g. from pyro.infer.Predictive
+        d = draws[..., list(axes)].reshape(-1, 2).cpu()
+        ax.scatter(d[:, 0], d[:, 1], s=2, color="black", alpha=0.5, label="draws from q(z|x)")
+        ax.legend(loc="lower right")
+    ax.set_xlabel(f"$z_{{{axes[0]}}}$")
+    ax.set_ylabel(f"$z_{{{axes[1]}}}$")
+    ax.set_aspect("equal")
+    ax.set_title("q(z|x) of chosen digits: means and 1, 2 sigma ellipses")
+    return fig
+
+
+@torch.no_grad()
+def posterior_reconstructions(run, images: torch.Tensor, draws: torch.Tensor, labels=None):
+    """One row per image: the image, the decoded posterior mean, then decoded draws (S, B, latent_dim) of z."""
+    loc, _ = posterior_params(run, images, labels)
+    rows = [images.to(loc.device)[:, None], run.decode(loc)[:, None], run.decode(draws).transpose(0, 1)]
+    grid = torch.cat(rows, dim=1)  # (B, 2 + S, 1, 28, 28)
+    fig = _figure(0.8 * grid.shape[1] + 0.5, 0.8 * grid.shape[0] + 0.6)
+    ax = fig.add_subplot()
+    ax.imshow(_grid_array(grid.flatten(0, 1), grid.shape[1]), cmap="gray_r")
+    ax.set_xticks([14 + 30 * i for i in range(grid.shape[1])],
+                  ["x", "mean"] + [f"z{i + 1}" for i in range(grid.shape[1] - 2)])
+    ax.set_yticks([])
+    ax.set_title("reconstructions: decoded posterior mean, then decoded draws z ~ q(z|x)")
+    return fig
+
+
+@torch.no_grad()
+def posterior_comparison(run, images: torch.Tensor, labels=None, grids: list | None = None, coarse: int = 81,
+                         fine: int = 61, extent: float = 4.0):
+    """For a 2-D latent: the true posterior p(z | x) on a grid (filled) against q(z | x) (lines), per image.
+
+    grids: from `pyro_vae.evaluate.grid_posteriors` (computed here from coarse, fine, extent if not given).
+    Both densities are drawn at the levels of a 2-D Gaussian's 1, 2 and 3 sigma (39%, 86%, 99% of its
+    mass). Titles give log p(x) by quadrature and KL(q || p) on the grid: the ELBO is their difference.
+    """
+    if run.config.latent_dim != 2:
+        raise ValueError(f"the grid posterior is drawn for 2-D latents, not {run.config.latent_dim}-D")
+    if grids is None:
+        images = images.to(run.device)
+        y = labels.to(run.device) if labels is not None and getattr(run, "labels_observed", False) else None
+        grids = grid_posteriors(run.vae, images, y, coarse=coarse, fine=fine, extent=extent)
+    cols = min(len(grids), 5)
+    rows = math.ceil(len(grids) / cols)
+    fig = _figure(3.2 * cols, 3.2 * rows + 0.4)
+    levels = (-torch.tensor([3.0, 2.0, 1.0]) ** 2 / 2).exp()  # density / peak density at 3, 2, 1 sigma
+    for i, grid in enumerate(grids):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        z0, z1 = (t.numpy() for t in torch.meshgrid(*grid.axes, indexing="ij"))
+        p, q = grid.log_p.exp(), grid.log_q.exp()
+        ax.contourf(z0, z1, p.numpy(), levels=(p.max() * torch.cat([levels, torch.ones(1)])).tolist(), cmap="Blues")
+        ax.contour(z0, z1, q.numpy(), levels=(q.max() * levels).tolist(), colors="tab:red", linewidths=1.0)
+        ax.set_aspect("equal")
+        ax.tick_params(labelsize=7)
+        ax.set_title(f"log p(x) {grid.log_px:.1f}, KL(q||p) {grid.kl:.2f}", fontsize=9)
+        inset = ax.inset_axes([0.0, 0.78, 0.22, 0.22])
+        inset.imshow(images[i, 0].cpu().numpy(), cmap="gray_r")
+        inset.set_axis_off()
+    fig.suptitle("true posterior p(z|x) on a grid (blue, filled) and the guide q(z|x) (red lines)")
+    return fig
+
+
+PICTURES = ("training_curves.png", "samples.gif", "latent_scatter.png", "manifold.png", "interpolation.png")
+
+
+def plot_run(run_dir: Path, out: Path | None = None, *, axes: tuple[int, int] | None = None, limit: int = 5000,
+             pair: tuple[int, int] = (0, 1), device: str = "cpu", data_dir: str | None = None) -> list[Path]:
+    """Save every picture of a run into out (default RUN/plots/); return their paths."""
+    run_dir = Path(run_dir).expanduser()
+    run = load(run_dir, device=device)
+    run_dir = run_dir if run_dir.is_dir() else run_dir.parent
+    out = Path(out or run_dir / "plots")
+    out.mkdir(parents=True, exist_ok=True)
+    config = run.config
+    data = load_mnist(data_dir or config.data_dir, binarize=config.binarize, device=run.device,
+                      download=config.download, train_size=1, test_size=config.test_size)
+    images, labels = data.test_images[:limit or None], data.test_labels[:limit or None]
+
+    saved = []
+    if (run_dir / "metrics.jsonl").is_file():
+        saved.append(_save(training_curves(run_dir), out / "training_curves.png"))
+    if list((run_dir / "images").glob("samples_*.png")):
+        saved.append(samples_gif(run_dir, out / "samples.gif"))
+    saved.append(_save(latent_scatter(run, images, labels), out / "latent_scatter.png"))
+    if config.conditional:  # decoding needs a label: the CVAE has pictures of its own
+        return saved
+    if config.latent_dim >= 2:
+        axes = tuple(axes or most_active_axes(run, images, labels))
+        saved.append(_save(latent_manifold(run, axes), out / "manifold.png"))
+    a, b = pair
+    saved.append(_save(interpolation(run, data.test_images[a], data.test_images[b], y_a=data.test_labels[a],
+                                     y_b=data.test_labels[b]), out / "interpolation.png"))
+    return saved
+
+
+def _save(fig, path: Path) -> Path:
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def main(argv=None) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; harmless where pyplot is never used
+    parser = argparse.ArgumentParser(prog="python -m pyro_vae.plot",
+                                     description="Save the pictures of a trained run into RUN/plots/.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("run", help="run directory or checkpoint file")
+    parser.add_argument("--out", default=None, help="folder for the pictures (default: RUN/plots)")
+    parser.add_argument("--axes", type=int, nargs=2, default=None, metavar=("A", "B"),
+                        help="latent dimensions of the manifold (default: the two most active)")
+    parser.add_argument("--limit", type=int, default=5000, help="test digits in the latent scatter (0: all)")
+    parser.add_argument("--pair", type=int, nargs=2, default=(0, 1), metavar=("I", "J"),
+                        help="indices of the two test digits to interpolate between")
+    parser.add_argument("--device", default="cpu", help="torch device")
+    parser.add_argument("--data-dir", default=None, help="where MNIST is unpacked (default: the run's --data-dir)")
+    args = parser.parse_args(argv)
+    try:
+        run = load(args.run)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    dim, size = run.config.latent_dim, run.config.test_size or 10000
+    if args.axes and not all(0 <= a < dim for a in args.axes) or args.axes and args.axes[0] == args.axes[1]:
+        parser.error(f"--axes must be two different dimensions in 0..{dim - 1}, not {args.axes}")
+    if not all(0 <= i < size for i in args.pair):
+        parser.error(f"--pair must be two test indices in 0..{size - 1}, not {args.pair}")
+    try:
+        paths = plot_run(args.run, args.out, axes=args.axes, limit=args.limit, pair=tuple(args.pair),
+                         device=args.device, data_dir=args.data_dir)
+    except (CheckpointError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for path in paths:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""The benchmark: its yardstick computes the trainer's objective, and a tiny run gives a sane result.
+
+No timing assertions: speed depends on the machine and its load; only the structure is checked.
+"""
+
+import json
+import math
+
+import pytest
+import torch
+
+from pyro_vae import evaluate
+from pyro_vae.bench import ProjectTrainer, Yardstick, main, yardstick_loss
+from pyro_vae.config import Config
+from pyro_vae.model import build_vae
+from pyro_vae.train import make_elbo
+
+NUM_DATA = 1000
+TINY = {"mlp": Config(arch="mlp", hidden_dim=32, latent_dim=4, device="cpu"),
+        "conv": Config(arch="conv", conv_channels=(4, 8), latent_dim=4, device="cpu")}
+
+
+def _batch(batch_size: int = 8, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(batch_size, 1, 28, 28, generator=generator).bernoulli(generator=generator)
+
+
+@pytest.mark.parametrize("arch", ["mlp", "conv"])
+def test_yardstick_loss_and_gradients_equal_trace_elbo_at_the_same_draw(arch):
+    """Under the same seed both sides draw the same eps, so value and gradients must agree to rounding."""
+    vae = build_vae(TINY[arch], num_data=NUM_DATA)
+    elbo, x = make_elbo(TINY[arch]), _batch()
+    params = list(vae.parameters())
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        pyro_loss = elbo.differentiable_loss(vae.model, vae.guide, x)
+        pyro_grads = torch.autograd.grad(pyro_loss, params)
+        torch.manual_seed(seed)
+        hand_loss = yardstick_loss(vae.encoder, vae.decoder, x, NUM_DATA)
+        hand_grads = torch.autograd.grad(hand_loss, params)
+        assert hand_loss.item() == pytest.approx(pyro_loss.item(), rel=1e-5)
+        for a, b in zip(hand_grads, pyro_grads):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
+
+    # the agreement is not trivial: another draw of z gives another value
+    torch.manual_seed(3)
+    other = yardstick_loss(vae.encoder, vae.decoder, x, NUM_DATA).item()
+    assert other != pytest.approx(pyro_loss.item(), rel=1e-5)
+
+
+def test_one_training_step_moves_both_sides_to_the_same_parameters():
+    """Same initial weights, same batch, same draw: the SVI step and the hand-written step agree."""
+    config, x = TINY["mlp"], _batch()
+    torch.manual_seed(0)
+    project = ProjectTrainer(config, NUM_DATA, torch.device("cpu"))
+    torch.manual_seed(0)
+    yardstick = Yardstick(config, NUM_DATA, torch.device("cpu"))
+    torch.manual_seed(5)
+    with project.scope():
+        project_loss = project.step(x)
+    torch.manual_seed(5)
+    yardstick_loss_value = yardstick.step(x).item()
+    assert project_loss == pytest.approx(yardstick_loss_value, rel=1e-5)
+    moved = dict(project.vae.encoder.named_parameters()) | {
+        f"d.{k}": v for k, v in project.vae.decoder.named_parameters()}
+    reference = dict(yardstick.encoder.named_parameters()) | {
+        f"d.{k}": v for k, v in yardstick.decoder.named_parameters()}
+    torch.manual_seed(0)
+    initial = build_vae(config).encoder.state_dict()
+    assert not torch.equal(initial["head.weight"], moved["head.weight"])  # the project side did step
+    for name, value in moved.items():
+        torch.testing.assert_close(value, reference[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_jit_trace_elbo_steps_this_model():
+    project = ProjectTrainer(TINY["mlp"], NUM_DATA, torch.device("cpu"), jit=True)
+    with project.scope():
+        losses = [project.step(_batch(seed=s)) for s in range(3)]
+    assert all(math.isfinite(loss) and loss > 0 for loss in losses)
+
+
+def test_tiny_benchmark_reports_a_sane_result(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = main(["--device", "cpu", "--synthetic", "--train-size", "256", "--test-size", "64",
+                 "--batch-size", "8", "16", "--arch", "mlp", "--hidden-dim", "16", "--latent-dim", "4",
+                 "--steps", "2", "--repeats", "3", "--warmup", "1", "--eval-repeats", "1",
+                 "--ll-images", "4", "--ll-k", "8", "--ll-chunk", "4", "--no-validation", "--torch-adam",
+                 "--json", str(out)])
+    assert code == 0
+    results = json.loads(out.read_text())
+    assert [t["batch_size"] for t in results["training"]] == [8, 16]
+    for t in results["training"]:
+        assert set(t["sides"]) == {"project", "yardstick", "project-novalid", "project-torchadam"}
+        for side in t["sides"].values():
+            assert side["images_per_s"] > 0 and len(side["block_s"]) == 3
+        assert math.isfinite(t["ratio"]) and t["ratio"] > 0
+        assert t["ratio"] == t["sides"]["project"]["ratio_to_yardstick"]
+        assert t["peak_rss_bytes"] > 0
+    e = results["evaluation"]
+    assert e["test_images"] == 64 and e["elbo_per_image"]["images_per_s"] > 0 and e["ratio"] > 0
+    if hasattr(evaluate, "importance_estimates"):
+        assert e["log_likelihood"]["k"] == 8 and e["log_likelihood"]["images_per_s"] > 0
+    table = capsys.readouterr().out
+    assert "yardstick" in table and "images/s" in table
+
+
+@pytest.mark.parametrize("flags", [["--batch-size", "0"], ["--steps", "0"], ["--device", "tpu"]])
+def test_bad_flags_exit_with_code_2(flags):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--synthetic", *flags])
+    assert exit_info.value.code == 2

@@ -1,0 +1,141 @@
+"""Pictures: each figure shows what it claims (checked on the figure's own data), and the plot CLI writes them all."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+import pyro_vae
+from pyro_vae import Config
+from pyro_vae import plot
+from pyro_vae.data import load_mnist
+from pyro_vae.train import train
+
+
+@pytest.fixture(scope="module")
+def run_2d(tmp_path_factory, data_dir):
+    """A 2-D latent run trained for two tiny epochs (two sample grids, two metrics rows)."""
+    out = tmp_path_factory.mktemp("plot") / "run"
+    config = Config(epochs=2, batch_size=64, train_size=128, test_size=64, latent_dim=2, arch="mlp", hidden_dim=32,
+                    data_dir=str(data_dir), out=str(out), device="cpu")
+    return train(config)
+
+
+@pytest.fixture(scope="module")
+def test_set(run_2d):
+    config = pyro_vae.load(run_2d).config
+    data = load_mnist(config.data_dir, binarize=config.binarize, train_size=1, test_size=config.test_size)
+    return data.test_images, data.test_labels
+
+
+def _cell(array, row, col):
+    """The 28 x 28 image at (row, col) of a grid drawn by plot (2-pixel lines between images)."""
+    return torch.as_tensor(array[2 + 30 * row:30 + 30 * row, 2 + 30 * col:30 + 30 * col])
+
+
+def test_slerp_follows_the_arc_and_lerp_the_chord():
+    a, b, t = torch.tensor([2.0, 0.0, 0.0]), torch.tensor([0.0, 2.0, 0.0]), torch.linspace(0, 1, 5)
+    arc, chord = plot.slerp(a, b, t), plot.lerp(a, b, t)
+    for path in (arc, chord):
+        assert torch.allclose(path[0], a) and torch.allclose(path[-1], b)
+    assert torch.allclose(arc.norm(dim=1), torch.full((5,), 2.0))  # equal norms: stays on the sphere
+    assert chord[2].norm() < 1.5  # the chord cuts inside it
+    assert torch.allclose(arc[2], torch.tensor([2 ** 0.5, 2 ** 0.5, 0.0]))  # half the angle
+    assert torch.allclose(plot.slerp(a, 3 * a, t), plot.lerp(a, 3 * a, t))  # parallel: the line
+    c = torch.tensor([1.0, 1.0, 0.0])
+    assert torch.allclose(plot.slerp(a, c, t).norm(dim=1), torch.linspace(2, 2 ** 0.5, 5))  # norms interpolated
+
+
+def test_latent_scatter_shows_posterior_means_in_2d_and_principal_axes_above(run_2d, test_set):
+    run, (x, y) = pyro_vae.load(run_2d), test_set
+    fig = plot.latent_scatter(run, x, y)
+    points = torch.as_tensor(fig.axes[0].collections[0].get_offsets().data, dtype=torch.float32)
+    loc, _ = run.encode(x)
+    assert torch.allclose(points, loc, atol=1e-5)
+    assert fig.axes[0].collections[0].get_array().tolist() == y.tolist()  # coloured by label
+
+    wide = torch.cat([loc, loc[:, :1] * 0.1, torch.zeros(len(loc), 1)], 1)  # a 4-D cloud with 2-D structure
+    run.encode = lambda images, labels=None: (wide, torch.ones_like(wide))
+    run.config.latent_dim = 4
+    fig = plot.latent_scatter(run, x, y)
+    projected = torch.as_tensor(fig.axes[0].collections[0].get_offsets().data)
+    centred = wide.double() - wide.double().mean(0)
+    top = torch.linalg.svdvals(centred)[:2]
+    assert torch.allclose(projected.norm(dim=0), top, rtol=1e-6)  # the two largest principal axes
+    assert abs((projected[:, 0] * projected[:, 1]).sum()) < 1e-6 * top[0] ** 2  # uncorrelated
+    assert "principal axis 1" in fig.axes[0].get_xlabel()
+
+
+def test_manifold_cells_are_decoded_grid_values_in_the_right_place(run_2d):
+    run = pyro_vae.load(run_2d)
+    fig = plot.latent_manifold(run, axes=(0, 1), n=5, span=2.0)
+    array = fig.axes[0].images[0].get_array()
+    top_left = run.decode(torch.tensor([[-2.0, 2.0]]))[0, 0]  # z_0 grows to the right, z_1 upwards
+    bottom_right = run.decode(torch.tensor([[2.0, -2.0]]))[0, 0]
+    assert torch.allclose(_cell(array, 0, 0), top_left, atol=1e-6)
+    assert torch.allclose(_cell(array, 4, 4), bottom_right, atol=1e-6)
+    assert not torch.allclose(top_left, bottom_right, atol=1e-3)
+
+
+def test_interpolation_rows_run_from_one_digit_to_the_other(run_2d, test_set):
+    run, (x, _) = pyro_vae.load(run_2d), test_set
+    fig = plot.interpolation(run, x[0], x[1], steps=5)
+    linear, spherical = (ax.images[0].get_array() for ax in fig.axes[:2])
+    loc, _ = run.encode(x[:2])
+    for array in (linear, spherical):
+        assert torch.equal(_cell(array, 0, 0), x[0, 0]) and torch.equal(_cell(array, 0, 6), x[1, 0])
+        assert torch.allclose(_cell(array, 0, 1), run.decode(loc[:1])[0, 0], atol=1e-6)
+    assert torch.allclose(_cell(linear, 0, 3), run.decode(loc.mean(0, keepdim=True))[0, 0], atol=1e-6)
+
+
+def test_training_curves_and_gif_come_from_the_run_files(run_2d):
+    rows = [json.loads(line) for line in (run_2d / "metrics.jsonl").read_text().splitlines()]
+    fig = plot.training_curves(run_2d)
+    train_line, test_line = fig.axes[0].get_lines()
+    assert list(train_line.get_ydata()) == [r["train_elbo"] for r in rows]
+    assert list(test_line.get_ydata()) == [r["test_elbo"] for r in rows]
+
+    gif = plot.samples_gif(run_2d, run_2d / "samples.gif")
+    with Image.open(gif) as image:
+        assert image.format == "GIF" and image.n_frames == 2
+        grid = Image.open(run_2d / "images" / "samples_001.png")
+        assert image.size == (grid.width, grid.height + 16)  # the grid under a label strip
+
+
+def test_posterior_pictures_draw_for_a_2d_run(run_2d, test_set):
+    run, (x, y) = pyro_vae.load(run_2d), test_set
+    fig = plot.posterior_comparison(run, x[:2], y[:2], coarse=21, fine=21)
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert len(titles) == 2 and all(t.startswith("log p(x)") for t in titles)
+    draws = torch.randn(3, 2, 2)
+    fig = plot.posterior_reconstructions(run, x[:2], draws)
+    array = fig.axes[0].images[0].get_array()
+    assert torch.allclose(_cell(array, 1, 4), run.decode(draws[2, 1])[0], atol=1e-6)  # row: image 1, column: draw 3
+    fig = plot.posterior_ellipses(run, x, y, torch.tensor([0, 5]), draws=draws)
+    assert len(fig.axes[0].patches) == 4  # 1- and 2-sigma ellipses of two digits
+    with pytest.raises(ValueError, match="2-D"):
+        run.config.latent_dim = 3
+        plot.posterior_comparison(run, x[:1])
+
+
+def test_plot_cli_writes_every_picture(run_2d, tmp_path, capsys):
+    assert plot.main([str(run_2d), "--out", str(tmp_path / "plots"), "--limit", "50"]) == 0
+    printed = capsys.readouterr().out.split()
+    assert sorted(p.split("/")[-1] for p in printed) == sorted(plot.PICTURES)
+    for path in printed:
+        with Image.open(path) as image:
+            assert image.width > 100
+    assert plot.main([str(tmp_path / "nothing")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: no checkpoint") and "Traceback" not in err
+    with pytest.raises(SystemExit) as exit_info:
+        plot.main([str(run_2d), "--axes", "0", "5"])
+    assert exit_info.value.code == 2 and "--axes" in capsys.readouterr().err
+
+
+def test_image_panels_show_each_set_under_its_title():
+    a, b = torch.rand(4, 1, 28, 28), torch.rand(4, 1, 28, 28)
+    fig = plot.image_panels({"first": a, "second": b}, nrow=2)
+    assert [ax.get_title() for ax in fig.axes] == ["first", "second"]
+    assert torch.allclose(_cell(fig.axes[1].images[0].get_array(), 1, 0), b[2, 0])
