@@ -76,10 +76,10 @@ def _variant(config: Config) -> str:
 
 
 def extra_figures(run_dir: Path, config: Config) -> str:
-    """Figures beyond the table's columns: for the CVAE, how often an independent classifier recognises
+    """Figures beyond the table's columns: the last epoch's single-sample test ELBO on the whole test set; for the CVAE, how often an independent classifier recognises
     the digit asked for in its samples; semi-supervised, the test accuracy of q(y | x)."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    extra = []
+    extra = [f"test ELBO on all {config.test_size or 10000} test images {rows[-1]['test_elbo']:.2f}"]
     if config.conditional:
         from digit_classifier import sample_recognition
 
@@ -117,7 +117,8 @@ def run(name: str, *, full: bool, k: int, limit: int, out_root: Path, device: st
 def _device_name(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
-    return f"CPU ({torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"CPU ({threads} thread{'s' if threads > 1 else ''})"
 
 
 def markdown_table() -> str:
