@@ -51,19 +51,22 @@ class VAE(nn.Module):
         pyro.module("prior", self.prior)
         pyro.module("decoder", self.decoder)
         pyro.module("likelihood", self.likelihood)
-        y = y if self.conditional else None  # an unconditional model ignores labels
+        labels = y if self.conditional else None  # an unconditional model ignores labels
+        y = None
         with self._data_plate(x):
             if self.conditional:
                 uniform = torch.zeros(NUM_CLASSES, device=x.device)
-                y = pyro.sample("y", dist.Categorical(logits=uniform), obs=y)  # (B,), or enumerated (10, 1)
+                y = pyro.sample("y", dist.Categorical(logits=uniform), obs=labels)  # (B,), or enumerated (10, 1)
             with poutine.scale(scale=self.kl_weight):
                 z = pyro.sample("z", self.prior(y))  # (B, latent_dim)
             pyro.sample("x", self.likelihood(self.decoder(z, self._one_hot(y))), obs=x)
-            if self.classifier is not None and y is not None and self.classifier_weight:
-                # Kingma et al.'s extra term: on labelled images, also fit q(y | x) to the label.
+            if self.classifier is not None and labels is not None and self.classifier_weight:
+                # Kingma et al.'s extra term: on labelled images only, also fit q(y | x) to the label.
+                # (Not on the enumerated y of unlabelled images: that would reward q(y | x) for
+                # agreeing with itself and collapse it onto one class.)
                 pyro.module("classifier", self.classifier)
                 with poutine.scale(scale=self.classifier_weight):
-                    pyro.sample("y_aux", dist.Categorical(logits=self.classifier(x)), obs=y)
+                    pyro.sample("y_aux", dist.Categorical(logits=self.classifier(x)), obs=labels)
 
     def guide(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
         """q(z | x): the posterior family applied to the encoder's output; conditional: q(y | x) q(z | x, y)."""

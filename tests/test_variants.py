@@ -165,3 +165,18 @@ def test_nonsense_combinations_are_refused_with_a_reason(flags, message, capsys)
     with pytest.raises(SystemExit) as exit_info:
         parse_args(flags)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def _model_sites(vae, x, y=None):
+    guide = poutine.trace(poutine.enum(vae.guide, first_available_dim=-2)).get_trace(x, y)
+    model = poutine.trace(poutine.replay(vae.model, trace=guide)).get_trace(x, y)
+    return {name for name, site in model.nodes.items() if site["type"] == "sample"}
+
+
+def test_semi_supervised_classifier_term_only_on_labelled_images(data_dir):
+    # Kingma's extra log q(y | x) term fits the classifier to given labels; on unlabelled images, where y
+    # is enumerated, it would reward q(y | x) for agreeing with itself and collapse it onto one class.
+    vae = build_vae(_config(data_dir, conditional=True, labels=100), num_data=960)
+    x = torch.rand(5, 1, 28, 28).bernoulli()
+    assert "y_aux" in _model_sites(vae, x, torch.arange(5))
+    assert "y_aux" not in _model_sites(vae, x)
