@@ -64,6 +64,20 @@ def image_panels(panels: dict[str, torch.Tensor], nrow: int = 8, panel_width: fl
     return fig
 
 
+def image_table(grid: torch.Tensor, columns: list[str] | None = None, rows: list[str] | None = None,
+                title: str = ""):
+    """Images (R, C, 1, 28, 28) as one table of R rows and C columns, with optional column and row labels."""
+    fig = _figure(0.8 * grid.shape[1] + 0.7, 0.8 * grid.shape[0] + 0.6)
+    ax = fig.add_subplot()
+    ax.imshow(_grid_array(grid.flatten(0, 1), grid.shape[1]), cmap="gray_r")
+    centres = [16 + 30 * i for i in range(max(grid.shape[:2]))]  # 28-pixel images between 2-pixel lines
+    ax.set_xticks(centres[:grid.shape[1]] if columns else [], columns or [])
+    ax.set_yticks(centres[:grid.shape[0]] if rows else [], rows or [])
+    ax.tick_params(length=0)
+    ax.set_title(title, fontsize=9)
+    return fig
+
+
 def training_curves(run_dir: Path):
     """Train and test ELBO per epoch, from the run's metrics file."""
     rows = read_metrics(run_dir)
@@ -241,14 +255,8 @@ def posterior_reconstructions(run, images: torch.Tensor, draws: torch.Tensor, la
     loc, _ = posterior_params(run, images, labels)
     rows = [images.to(loc.device)[:, None], run.decode(loc)[:, None], run.decode(draws).transpose(0, 1)]
     grid = torch.cat(rows, dim=1)  # (B, 2 + S, 1, 28, 28)
-    fig = _figure(0.8 * grid.shape[1] + 0.5, 0.8 * grid.shape[0] + 0.6)
-    ax = fig.add_subplot()
-    ax.imshow(_grid_array(grid.flatten(0, 1), grid.shape[1]), cmap="gray_r")
-    ax.set_xticks([14 + 30 * i for i in range(grid.shape[1])],
-                  ["x", "mean"] + [f"z{i + 1}" for i in range(grid.shape[1] - 2)])
-    ax.set_yticks([])
-    ax.set_title("reconstructions: decoded posterior mean, then decoded draws z ~ q(z|x)")
-    return fig
+    return image_table(grid, columns=["x", "mean"] + [f"z{i + 1}" for i in range(grid.shape[1] - 2)],
+                       title="reconstructions: decoded posterior mean, then decoded draws z ~ q(z|x)")
 
 
 @torch.no_grad()
