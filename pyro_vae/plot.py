@@ -64,6 +64,20 @@ def image_panels(panels: dict[str, torch.Tensor], nrow: int = 8, panel_width: fl
     return fig
 
 
+def image_table(grid: torch.Tensor, columns: list[str] | None = None, rows: list[str] | None = None,
+                title: str = ""):
+    """Images (R, C, 1, 28, 28) as one table of R rows and C columns, with optional column and row labels."""
+    fig = _figure(0.8 * grid.shape[1] + 0.7, 0.8 * grid.shape[0] + 0.6)
+    ax = fig.add_subplot()
+    ax.imshow(_grid_array(grid.flatten(0, 1), grid.shape[1]), cmap="gray_r")
+    centres = [16 + 30 * i for i in range(max(grid.shape[:2]))]  # 28-pixel images between 2-pixel lines
+    ax.set_xticks(centres[:grid.shape[1]] if columns else [], columns or [])
+    ax.set_yticks(centres[:grid.shape[0]] if rows else [], rows or [])
+    ax.tick_params(length=0)
+    ax.set_title(title, fontsize=9)
+    return fig
+
+
 def training_curves(run_dir: Path):
     """Train and test ELBO per epoch, from the run's metrics file."""
     rows = read_metrics(run_dir)
@@ -207,6 +221,63 @@ def interpolation(run, x_a: torch.Tensor, x_b: torch.Tensor, steps: int = 10, y_
     return fig
 
 
+DIGITS = [str(d) for d in range(10)]
+
+
+def class_means(run) -> torch.Tensor:
+    """The means mu_y of a label-conditioned run's prior p(z | y) = Normal(mu_y, I): (10, latent_dim)."""
+    if not run.config.conditional:
+        raise ValueError("this picture needs a label-conditioned run (--conditional)")
+    return run.vae.prior.class_means.detach()
+
+
+@torch.no_grad()
+def style_offsets(run, images: torch.Tensor, labels) -> torch.Tensor:
+    """The style of each digit: its posterior mean under q(z | x, y), given its label y, minus mu_y; (B, latent_dim)."""
+    labels = torch.as_tensor(labels, device=run.device)
+    loc, _ = run.encode(images, labels)
+    return loc - class_means(run)[labels]
+
+
+@torch.no_grad()
+def restyle(run, styles: torch.Tensor) -> torch.Tensor:
+    """Each style (N, latent_dim) written as every digit: images (N, 10, 1, 28, 28), decoded at z = mu_y + style.
+
+    "The same z" for another digit means the same offset from the class mean, not the same raw z:
+    under the prior z = mu_y + style with style ~ Normal(0, I) for every y, so a style keeps its
+    place in each class's cloud, while a raw z taken to another class would sit off-centre in it.
+    """
+    z = class_means(run) + styles.to(run.device)[:, None]  # (N, 10, latent_dim)
+    digits = torch.arange(10, device=run.device).expand(len(styles), 10)
+    return run.decode(z.flatten(0, 1), digits.flatten()).unflatten(0, (len(styles), 10))
+
+
+def digit_rows(run, per_row: int = 10):
+    """Samples of a label-conditioned run, row d drawn given digit d: the per-epoch sample grid, labelled."""
+    class_means(run)  # refuses an unconditional run, whose sample grid has no rows of digits
+    images = run.sample_grid(per_row).unflatten(0, (10, per_row))
+    return image_table(images, rows=DIGITS, title="samples given the digit: z ~ p(z | y), x ~ p(x | z, y)")
+
+
+def styles_from_prior(run, n: int = 8):
+    """Rows: n styles drawn from the prior, Normal(0, I); columns: each written as digit 0-9 (see `restyle`)."""
+    styles = torch.randn(n, run.config.latent_dim, device=run.device)
+    return image_table(restyle(run, styles), columns=DIGITS,
+                       title="one style per row, every digit: z = mu_y + style, style ~ Normal(0, I)")
+
+
+def styles_from_digits(run, images: torch.Tensor, labels):
+    """Rows: test digits, first the original, then its style (from q(z | x, y)) written as digit 0-9."""
+    grid = torch.cat([images.to(run.device)[:, None], restyle(run, style_offsets(run, images, labels))], dim=1)
+    return image_table(grid, columns=["x"] + DIGITS,
+                       title="style of each test digit as every digit: z = mu_y + (E_q[z | x, y_x] - mu_y_x)")
+
+
+def first_of_each_digit(labels: torch.Tensor) -> list[int]:
+    """The index of the first image of each digit 0-9 present in labels."""
+    return [int((labels == d).nonzero()[0]) for d in range(10) if (labels == d).any()]
+
+
 @torch.no_grad()
 def posterior_ellipses(run, images: torch.Tensor, labels: torch.Tensor, chosen: torch.Tensor,
                        draws: torch.Tensor | None = None, axes: tuple[int, int] = (0, 1)):
@@ -241,14 +312,8 @@ def posterior_reconstructions(run, images: torch.Tensor, draws: torch.Tensor, la
     loc, _ = posterior_params(run, images, labels)
     rows = [images.to(loc.device)[:, None], run.decode(loc)[:, None], run.decode(draws).transpose(0, 1)]
     grid = torch.cat(rows, dim=1)  # (B, 2 + S, 1, 28, 28)
-    fig = _figure(0.8 * grid.shape[1] + 0.5, 0.8 * grid.shape[0] + 0.6)
-    ax = fig.add_subplot()
-    ax.imshow(_grid_array(grid.flatten(0, 1), grid.shape[1]), cmap="gray_r")
-    ax.set_xticks([14 + 30 * i for i in range(grid.shape[1])],
-                  ["x", "mean"] + [f"z{i + 1}" for i in range(grid.shape[1] - 2)])
-    ax.set_yticks([])
-    ax.set_title("reconstructions: decoded posterior mean, then decoded draws z ~ q(z|x)")
-    return fig
+    return image_table(grid, columns=["x", "mean"] + [f"z{i + 1}" for i in range(grid.shape[1] - 2)],
+                       title="reconstructions: decoded posterior mean, then decoded draws z ~ q(z|x)")
 
 
 @torch.no_grad()
@@ -286,12 +351,21 @@ def posterior_comparison(run, images: torch.Tensor, labels=None, grids: list | N
     return fig
 
 
-PICTURES = ("training_curves.png", "samples.gif", "latent_scatter.png", "manifold.png", "interpolation.png")
+EVERY_RUN = ("training_curves.png", "samples.gif", "latent_scatter.png")
+UNCONDITIONAL = ("manifold.png", "interpolation.png")
+CONDITIONAL = ("digit_rows.png", "styles_from_prior.png", "styles_from_digits.png")
+PICTURES = EVERY_RUN + UNCONDITIONAL
+CONDITIONAL_PICTURES = EVERY_RUN + CONDITIONAL
 
 
 def plot_run(run_dir: Path, out: Path | None = None, *, axes: tuple[int, int] | None = None, limit: int = 5000,
-             pair: tuple[int, int] = (0, 1), device: str = "cpu", data_dir: str | None = None) -> list[Path]:
-    """Save every picture of a run into out (default RUN/plots/); return their paths."""
+             pair: tuple[int, int] = (0, 1), styles: list[int] | None = None, device: str = "cpu",
+             data_dir: str | None = None) -> list[Path]:
+    """Save every picture of a run into out (default RUN/plots/); return their paths.
+
+    styles: test indices whose style a label-conditioned run writes as every digit (default: the
+    first test image of each digit).
+    """
     run_dir = Path(run_dir).expanduser()
     run = load(run_dir, device=device)
     run_dir = run_dir if run_dir.is_dir() else run_dir.parent
@@ -309,6 +383,11 @@ def plot_run(run_dir: Path, out: Path | None = None, *, axes: tuple[int, int] | 
         saved.append(samples_gif(run_dir, out / "samples.gif"))
     saved.append(_save(latent_scatter(run, images, labels), out / "latent_scatter.png"))
     if config.conditional:  # decoding needs a label: the CVAE has pictures of its own
+        chosen = list(styles or first_of_each_digit(data.test_labels))
+        saved.append(_save(digit_rows(run), out / "digit_rows.png"))
+        saved.append(_save(styles_from_prior(run), out / "styles_from_prior.png"))
+        saved.append(_save(styles_from_digits(run, data.test_images[chosen], data.test_labels[chosen]),
+                           out / "styles_from_digits.png"))
         return saved
     if config.latent_dim >= 2:
         axes = tuple(axes or most_active_axes(run, images, labels))
@@ -328,9 +407,13 @@ def main(argv=None) -> int:
     import matplotlib
 
     matplotlib.use("Agg")  # files only; harmless where pyplot is never used
-    parser = argparse.ArgumentParser(prog="python -m pyro_vae.plot",
-                                     description="Save the pictures of a trained run into RUN/plots/.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m pyro_vae.plot", description="Save the pictures of a trained run into RUN/plots/.",
+        epilog=f"Pictures of every run: {', '.join(EVERY_RUN)}; of an unconditional run also "
+               f"{', '.join(UNCONDITIONAL)}; of a label-conditioned run (--conditional) instead "
+               f"{', '.join(CONDITIONAL)}: samples with one row per digit, and styles (drawn from the prior, "
+               "or of test digits) each written as every digit 0-9.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("run", help="run directory or checkpoint file")
     parser.add_argument("--out", default=None, help="folder for the pictures (default: RUN/plots)")
     parser.add_argument("--axes", type=int, nargs=2, default=None, metavar=("A", "B"),
@@ -338,6 +421,9 @@ def main(argv=None) -> int:
     parser.add_argument("--limit", type=int, default=5000, help="test digits in the latent scatter (0: all)")
     parser.add_argument("--pair", type=int, nargs=2, default=(0, 1), metavar=("I", "J"),
                         help="indices of the two test digits to interpolate between")
+    parser.add_argument("--styles", type=int, nargs="+", default=None, metavar="I",
+                        help="conditional runs: indices of the test digits whose style is written as every "
+                             "digit (default: the first of each digit)")
     parser.add_argument("--device", default="cpu", help="torch device")
     parser.add_argument("--data-dir", default=None, help="where MNIST is unpacked (default: the run's --data-dir)")
     args = parser.parse_args(argv)
@@ -349,11 +435,12 @@ def main(argv=None) -> int:
     dim, size = run.config.latent_dim, run.config.test_size or 10000
     if args.axes and not all(0 <= a < dim for a in args.axes) or args.axes and args.axes[0] == args.axes[1]:
         parser.error(f"--axes must be two different dimensions in 0..{dim - 1}, not {args.axes}")
-    if not all(0 <= i < size for i in args.pair):
-        parser.error(f"--pair must be two test indices in 0..{size - 1}, not {args.pair}")
+    for flag, indices in (("--pair", args.pair), ("--styles", args.styles or [])):
+        if not all(0 <= i < size for i in indices):
+            parser.error(f"{flag} must be test indices in 0..{size - 1}, not {indices}")
     try:
         paths = plot_run(args.run, args.out, axes=args.axes, limit=args.limit, pair=tuple(args.pair),
-                         device=args.device, data_dir=args.data_dir)
+                         styles=args.styles, device=args.device, data_dir=args.data_dir)
     except (CheckpointError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -23,6 +23,15 @@ def run_2d(tmp_path_factory, data_dir):
 
 
 @pytest.fixture(scope="module")
+def run_cvae(tmp_path_factory, data_dir):
+    """A label-conditioned run with a 2-D latent, trained for one tiny epoch."""
+    out = tmp_path_factory.mktemp("plot") / "cvae"
+    config = Config(epochs=1, batch_size=64, train_size=128, test_size=64, latent_dim=2, arch="mlp", hidden_dim=32,
+                    conditional=True, data_dir=str(data_dir), out=str(out), device="cpu")
+    return train(config)
+
+
+@pytest.fixture(scope="module")
 def test_set(run_2d):
     config = pyro_vae.load(run_2d).config
     data = load_mnist(config.data_dir, binarize=config.binarize, train_size=1, test_size=config.test_size)
@@ -122,7 +131,7 @@ def test_posterior_pictures_draw_for_a_2d_run(run_2d, test_set):
 def test_plot_cli_writes_every_picture(run_2d, tmp_path, capsys):
     assert plot.main([str(run_2d), "--out", str(tmp_path / "plots"), "--limit", "50"]) == 0
     printed = capsys.readouterr().out.split()
-    assert sorted(p.split("/")[-1] for p in printed) == sorted(plot.PICTURES)
+    assert sorted(p.split("/")[-1] for p in printed) == sorted(plot.PICTURES)  # none of plot.CONDITIONAL
     for path in printed:
         with Image.open(path) as image:
             assert image.width > 100
@@ -139,3 +148,80 @@ def test_image_panels_show_each_set_under_its_title():
     fig = plot.image_panels({"first": a, "second": b}, nrow=2)
     assert [ax.get_title() for ax in fig.axes] == ["first", "second"]
     assert torch.allclose(_cell(fig.axes[1].images[0].get_array(), 1, 0), b[2, 0])
+
+
+def _record_decoder_inputs(run):
+    """Make run's decoder note the z and one-hot label of every call; return the list it appends to."""
+    calls, decoder = [], run.vae.decoder
+    forward = decoder.forward
+    decoder.forward = lambda z, c=None: calls.append((z, c)) or forward(z, c)
+    return calls
+
+
+def test_digit_rows_are_the_per_epoch_sample_grid_one_row_per_digit(run_cvae, run_2d):
+    run = pyro_vae.load(run_cvae)
+    torch.manual_seed(1)
+    fig = plot.digit_rows(run, per_row=3)
+    torch.manual_seed(1)
+    expected = run.sample_grid(3)  # (30, 1, 28, 28), digit d in places 3d .. 3d + 2
+    array = fig.axes[0].images[0].get_array()
+    assert array.shape == (2 + 30 * 10, 2 + 30 * 3)
+    assert torch.allclose(_cell(array, 7, 2), expected[7 * 3 + 2, 0], atol=1e-6)
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == plot.DIGITS
+    with pytest.raises(ValueError, match="--conditional"):
+        plot.digit_rows(pyro_vae.load(run_2d))
+
+
+def test_styles_from_digits_keep_each_digits_offset_from_its_class_mean(run_cvae):
+    run = pyro_vae.load(run_cvae)
+    run.vae.prior.class_means.data = 3 * torch.randn(10, 2)  # well apart, so raw z and offset differ
+    data = load_mnist(run.config.data_dir, binarize=run.config.binarize, train_size=1, test_size=64)
+    x, y = data.test_images[:4], data.test_labels[:4]
+    calls = _record_decoder_inputs(run)
+    fig = plot.styles_from_digits(run, x, y)
+    (z, one_hot), = calls  # one decoder pass for the whole table
+    z, digits = z.reshape(4, 10, 2), one_hot.argmax(-1).reshape(4, 10)
+    assert torch.equal(digits, torch.arange(10).expand(4, 10))  # column d is decoded as digit d
+    loc, _ = run.encode(x, y)
+    means = run.vae.prior.class_means.detach()
+    offsets = z - means  # the same style in every column: the digit's own offset from its class mean
+    assert torch.allclose(offsets, (loc - means[y])[:, None].expand(4, 10, 2), atol=1e-5)
+
+    array = fig.axes[0].images[0].get_array()
+    assert array.shape == (2 + 30 * 4, 2 + 30 * 11)
+    reconstructions = run.decode(loc, y)
+    for row in range(4):
+        assert torch.equal(_cell(array, row, 0), x[row, 0])  # first column: the original
+        # its own digit's column is its reconstruction: z = mu_y + (loc - mu_y) = loc
+        assert torch.allclose(_cell(array, row, 1 + y[row].item()), reconstructions[row, 0], atol=1e-5)
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["x"] + plot.DIGITS
+
+
+def test_styles_from_prior_write_each_drawn_style_as_every_digit(run_cvae):
+    run = pyro_vae.load(run_cvae)
+    run.vae.prior.class_means.data = 3 * torch.randn(10, 2)
+    calls = _record_decoder_inputs(run)
+    torch.manual_seed(2)
+    fig = plot.styles_from_prior(run, n=5)
+    torch.manual_seed(2)
+    styles = torch.randn(5, 2)
+    (z, _), = calls
+    assert torch.allclose(z.reshape(5, 10, 2), run.vae.prior.class_means.detach() + styles[:, None], atol=1e-6)
+    array = fig.axes[0].images[0].get_array()
+    assert array.shape == (2 + 30 * 5, 2 + 30 * 10)
+    assert torch.allclose(_cell(array, 4, 9), run.decode(z[4 * 10 + 9], 9)[0], atol=1e-6)
+
+
+def test_plot_cli_writes_the_cvae_pictures_for_a_conditional_run(run_cvae, tmp_path, capsys):
+    assert plot.main([str(run_cvae), "--out", str(tmp_path / "plots"), "--styles", "3", "5", "8"]) == 0
+    printed = capsys.readouterr().out.split()
+    assert sorted(p.split("/")[-1] for p in printed) == sorted(plot.CONDITIONAL_PICTURES)
+    with Image.open(tmp_path / "plots" / "styles_from_digits.png") as image:
+        assert image.height < image.width / 2  # three rows of eleven
+    paths = plot.plot_run(run_cvae, tmp_path / "default", limit=50)
+    with Image.open(tmp_path / "default" / "styles_from_digits.png") as image:
+        assert image.height > image.width / 2  # one row for each digit in the first 64 test images
+    assert tmp_path / "default" / "digit_rows.png" in paths
+    with pytest.raises(SystemExit) as exit_info:
+        plot.main([str(run_cvae), "--styles", "64"])
+    assert exit_info.value.code == 2 and "--styles" in capsys.readouterr().err
