@@ -44,14 +44,17 @@ def experiment(name: str) -> dict:
     return tomllib.loads(path.read_text())
 
 
-def experiment_config(name: str, full: bool, out_root: Path, device: str | None) -> Config:
-    """The Config of one version of an experiment, checked like the CLI checks flags."""
+def experiment_config(name: str, full: bool, out_root: Path, device: str | None, epochs: int | None = None
+                      ) -> Config:
+    """The Config of one version of an experiment (epochs: a shorter or longer budget), checked like the CLI."""
     spec = experiment(name)
     version = "full" if full else "short"
     settings = {**spec.get("config", {}), **spec.get(version, {})}
     settings["out"] = str(out_root / f"{name}-{version}-{date.today():%Y%m%d}-{int(time.time()) % 100000}")
     if device:
         settings["device"] = device
+    if epochs:
+        settings["epochs"] = epochs
     config = Config.from_dict({**Config().to_dict(), **settings})
     problems = config.errors()
     if problems:
@@ -89,9 +92,10 @@ def extra_figures(run_dir: Path, config: Config) -> str:
     return "; ".join(extra)
 
 
-def run(name: str, *, full: bool, k: int, limit: int, out_root: Path, device: str | None) -> dict:
+def run(name: str, *, full: bool, k: int, limit: int, out_root: Path, device: str | None,
+        epochs: int | None = None) -> dict:
     """Train and evaluate one experiment; append its row to the results file and the README table."""
-    config = experiment_config(name, full, out_root, device)
+    config = experiment_config(name, full, out_root, device, epochs)
     started = time.perf_counter()
     run_dir = train(config)
     minutes = (time.perf_counter() - started) / 60
@@ -150,6 +154,7 @@ def main(argv=None) -> int:
     parser.add_argument("--k", type=int, default=1000, help="importance samples for log p(x)")
     parser.add_argument("--limit", type=int, default=0, help="evaluate on the first N test images (0: all)")
     parser.add_argument("--device", help="override the device of the config")
+    parser.add_argument("--epochs", type=int, help="override the epochs of the version (the row records them)")
     parser.add_argument("--out-root", type=Path, default=Path("runs/experiments"))
     parser.add_argument("--list", action="store_true", help="list the experiments")
     parser.add_argument("--table", action="store_true", help="rewrite the README table from results.csv")
@@ -166,7 +171,8 @@ def main(argv=None) -> int:
     for name in args.names:
         experiment(name)  # fail on a typo before hours of training
     for name in args.names:
-        run(name, full=args.full, k=args.k, limit=args.limit, out_root=args.out_root, device=args.device)
+        run(name, full=args.full, k=args.k, limit=args.limit, out_root=args.out_root, device=args.device,
+            epochs=args.epochs)
     return 0
 
 

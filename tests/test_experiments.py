@@ -41,10 +41,12 @@ def test_a_tiny_experiment_adds_a_row_to_the_csv_and_the_readme(runner, tmp_path
     monkeypatch.setattr(runner, "CONFIGS", tmp_path / "configs")
     monkeypatch.setattr(runner, "RESULTS", tmp_path / "results.csv")
     monkeypatch.setattr(runner, "README", readme)
-    assert runner.main(["tiny", "--k", "5", "--limit", "16", "--out-root", str(tmp_path / "runs"), "--device", "cpu"]) == 0
+    assert runner.main(["tiny", "--k", "5", "--limit", "16", "--out-root", str(tmp_path / "runs"), "--device", "cpu",
+                        "--epochs", "2"]) == 0
     rows = list(csv.DictReader(open(tmp_path / "results.csv")))
     assert len(rows) == 1 and rows[0]["experiment"] == "tiny" and rows[0]["version"] == "short"
     assert float(rows[0]["log_px"]) >= float(rows[0]["test_elbo"])  # the K-sample bound is the tighter one
     assert rows[0]["k"] == "5" and rows[0]["images"] == "16" and "--latent-dim 2" in rows[0]["variant"]
+    assert rows[0]["epochs"] == "2"  # --epochs overrides the version's budget, and the row says so
     text = readme.read_text()
     assert "old" not in text and "| tiny | short |" in text and text.endswith("after\n")
