@@ -7,6 +7,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import torch
 
 from pyro_vae import Config
 
@@ -50,3 +51,13 @@ def test_a_tiny_experiment_adds_a_row_to_the_csv_and_the_readme(runner, tmp_path
     assert rows[0]["epochs"] == "2"  # --epochs overrides the version's budget, and the row says so
     text = readme.read_text()
     assert "old" not in text and "| tiny | short |" in text and text.endswith("after\n")
+
+
+def test_digit_classifier_trains_even_when_called_under_no_grad(monkeypatch, data_dir):
+    # sample_recognition runs under no_grad and trains the classifier on first use
+    monkeypatch.syspath_prepend(str(EXPERIMENTS))
+    import digit_classifier
+
+    with torch.no_grad():
+        _, accuracy = digit_classifier.train_classifier(str(data_dir), epochs=1, train_size=1024)
+    assert accuracy > 0.5  # ten classes: chance is 0.1
