@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import datetime
 from pathlib import Path
 
@@ -120,10 +120,12 @@ class SVIStep:
     """SVI's training step: the Pyro ELBO's loss and gradients, then one torch Adam over all the VAE's parameters.
 
     Like `pyro.infer.SVI.step` (`elbo.loss_and_grads`, optimizer, clear the gradients), with one
-    `torch.optim.Adam` over `vae.parameters()` in place of pyro.optim's one optimizer per parameter, and
-    the gradients set to None rather than to fresh zeros (README, Speed). Under torchrun the gradients
-    are averaged over the ranks before the update. Every module the model and guide use is part of
-    `vae`, so every parameter is here.
+    `torch.optim.Adam` over `vae.parameters()` in place of pyro.optim's one optimizer per parameter, the
+    gradients set to None rather than to fresh zeros, and Pyro's checks of arguments, supports and
+    shapes on the first step only (the tests run every variant's program with them on): together these
+    halve what Pyro adds to a hand-written step (README, Speed). Under torchrun the gradients are
+    averaged over the ranks before the update. Every module the model and guide use is part of `vae`,
+    so every parameter is here.
     """
 
     def __init__(self, vae: VAE, config: Config, ranks: distributed.Ranks = distributed.Ranks(), stop=None):
@@ -132,10 +134,13 @@ class SVIStep:
         self.params = list(vae.parameters())
         self.optimizer = torch.optim.Adam(self.params, lr=config.lr)
         self.ranks, self.stop = ranks, stop
+        self.validated = False
 
     def step(self, x: torch.Tensor, y: torch.Tensor | None = None) -> float:
         """One update on a minibatch; returns its loss (the -ELBO estimate, scaled to the whole training set)."""
-        loss = self.elbo.loss_and_grads(self.model, self.guide, x, y)
+        with pyro.validation_enabled(False) if self.validated else nullcontext():
+            loss = self.elbo.loss_and_grads(self.model, self.guide, x, y)
+        self.validated = True
         if self.ranks.active:
             loss = distributed.average_gradients(self.params, loss, self.ranks, self.stop)
         self.optimizer.step()

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -50,6 +51,18 @@ def test_the_training_step_moves_the_parameters_exactly_as_pyro_svi_does():
     assert losses[0] == losses[1]
     for name, value in weights[0].items():
         assert torch.equal(value, weights[1][name]), name
+
+
+def test_pyro_checks_the_first_training_step_only():
+    """Validation catches a mistake on the first step; later steps skip Pyro's checks, for speed."""
+    config = Config(conv_channels=(4, 8), latent_dim=4, device="cpu")
+    grey = torch.full((8, 1, 28, 28), 0.5)  # outside the support of the Bernoulli likelihood
+    svi = SVIStep(build_vae(config, num_data=1000), config)
+    with pytest.raises(ValueError, match="support"):
+        svi.step(grey)
+    svi.step(grey.bernoulli())
+    assert math.isfinite(svi.step(grey))
+    assert pyro.infer.util.is_validation_enabled()  # as the test set it, outside the step
 
 
 def test_checkpoint_holds_the_trained_parameters_and_loads_back_exactly(small_config, tmp_path):
