@@ -1,9 +1,9 @@
 """How fast the project trains and evaluates, against a hand-written PyTorch yardstick (issue 6).
 
-`python -m pyro_vae.bench` times training steps of the project's real training objects (those
-`pyro_vae.train._fit` builds: `build_vae`, `pyro.optim.Adam`, `SVI(..., loss=make_elbo(config))`)
-and of a yardstick: the same networks with the same single-sample ELBO written in plain PyTorch
-and one `torch.optim.Adam`. The sides run in interleaved blocks (A B A B ...) after a warm-up, so
+`python -m pyro_vae.bench` times the trainer's own training step (the VAE from `build_vae`,
+stepped by `pyro_vae.train.SVIStep` as the training loop steps it) and that of a yardstick: the
+same networks with the same single-sample ELBO written in plain PyTorch and one
+`torch.optim.Adam`. The sides run in interleaved blocks (A B A B ...) after a warm-up, so
 a burst of load from another process hits both alike; the figure of merit is the median over the
 pairs of (project block time / yardstick block time). Evaluation (`elbo_per_image`, and the
 K-sample log-likelihood that `pyro_vae.evaluate` offers) and peak memory are reported too.
@@ -22,7 +22,6 @@ import resource
 import statistics
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from datetime import date
@@ -30,7 +29,7 @@ from pathlib import Path
 
 import pyro
 import torch
-from pyro.infer import SVI, JitTrace_ELBO
+from pyro.infer import SVI
 from torch.nn import functional as F
 
 from . import evaluate
@@ -38,7 +37,7 @@ from .config import Config
 from .data import MNIST, load_mnist
 from .model import build_vae
 from .nets import make_nets
-from .train import make_elbo
+from .train import SVIStep, make_elbo
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -91,63 +90,41 @@ class Yardstick:
 
 
 # ---------------------------------------------------------------------------------------------------
-# The project side: the objects _fit builds
+# The project side: the trainer's step
 
 
 class ProjectTrainer:
-    """The training objects of pyro_vae.train._fit: VAE, pyro.optim.Adam and SVI with make_elbo(config).
+    """The training step of pyro_vae.train: the VAE from build_vae, stepped by SVIStep as the loop steps it."""
 
-    jit: JitTrace_ELBO with make_elbo's arguments instead of Trace_ELBO. validate=False: Pyro's
-    argument and support checks off (they are on by default in Pyro, and so in the trainer).
-    """
-
-    def __init__(self, config: Config, num_data: int, device: torch.device, *, jit: bool = False,
-                 validate: bool = True):
+    def __init__(self, config: Config, num_data: int, device: torch.device):
         self.vae = build_vae(config, num_data=num_data).to(device)
         # Pyro keeps parameters in one global store, by name; each side has its own (entered by scope()),
-        # which also stands for _fit's pyro.clear_param_store().
+        # which also stands for the loop's pyro.clear_param_store().
         self._store = {"params": {}, "constraints": {}}
-        self.optimizer = pyro.optim.Adam({"lr": config.lr})
-        elbo = make_elbo(config)
-        if jit:
-            # JitTrace_ELBO traces with torch.jit.trace, which torch now marks deprecated (a FutureWarning)
-            warnings.filterwarnings("ignore", message="`torch.jit.trace` is deprecated", category=FutureWarning)
-            elbo = JitTrace_ELBO(num_particles=elbo.num_particles, vectorize_particles=elbo.vectorize_particles,
-                                 max_plate_nesting=elbo.max_plate_nesting, ignore_jit_warnings=True)
-        self.elbo = elbo
-        self.svi = SVI(self.vae.model, self.vae.guide, self.optimizer, loss=elbo)
-        self.validate = validate
+        self.svi = SVIStep(self.vae, config)
 
     def scope(self) -> AbstractContextManager:
         """This side's parameter store, swapped in around a block of steps."""
         return pyro.get_param_store().scope(self._store)
 
     def step(self, x: torch.Tensor) -> float:
-        # The trainer calls svi.step(x, y) with y None for this model; the JIT cannot trace a None
-        # argument, and the model's y defaults to None, so it is left out (the same program either way).
-        with nullcontext() if self.validate else pyro.validation_enabled(False):
-            return self.svi.step(x)
+        return self.svi.step(x, None)  # unlabelled, as the loop's batches of this model are
 
 
-class ProjectTorchAdam(ProjectTrainer):
-    """A demonstration, not the trainer: the same model, guide and Trace_ELBO, stepped by one torch Adam.
+class StockSVI(ProjectTrainer):
+    """For comparison, not the trainer: Pyro's stock `SVI` with `pyro.optim.Adam`, validation on every step.
 
-    `elbo.differentiable_loss(model, guide, x)` is Pyro's own route to a plain torch optimizer; it
-    skips SVI's per-parameter optimizers, its parameter-capturing trace, its zeros_like gradients and
-    its .item() calls. Validation is off.
+    What the trainer ran before SVIStep: one Pyro optimizer per parameter, a parameter-capturing trace
+    and fresh zero gradients every step, and Pyro's checks on each step (Pyro's default).
     """
 
     def __init__(self, config: Config, num_data: int, device: torch.device):
-        super().__init__(config, num_data, device, validate=False)
-        self.torch_optimizer = torch.optim.Adam(self.vae.parameters(), lr=config.lr)
+        super().__init__(config, num_data, device)
+        self.svi = SVI(self.vae.model, self.vae.guide, pyro.optim.Adam({"lr": config.lr}), loss=make_elbo(config))
 
-    def step(self, x: torch.Tensor) -> torch.Tensor:
-        with pyro.validation_enabled(False):
-            loss = self.elbo.differentiable_loss(self.vae.model, self.vae.guide, x)
-        self.torch_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.torch_optimizer.step()
-        return loss.detach()
+    def step(self, x: torch.Tensor) -> float:
+        with pyro.validation_enabled(True):
+            return self.svi.step(x, None)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -199,7 +176,7 @@ def time_block(side, draw: Callable, steps: int, device: torch.device) -> tuple[
 def interleaved_times(sides: dict, draw: Callable, steps: int, repeats: int, warmup: int,
                       device: torch.device) -> dict[str, dict[str, list[float]]]:
     """Wall and CPU block times of each side, taken in turn (A B A B ...) after `warmup` unkept blocks each."""
-    for _ in range(warmup):  # first calls allocate, pick kernels and, with --jit, compile
+    for _ in range(warmup):  # first calls allocate and pick kernels; the trainer's first step runs Pyro's checks
         for side in sides.values():
             time_block(side, draw, steps, device)
     times = {name: {"wall": [], "cpu": []} for name in sides}
@@ -248,14 +225,12 @@ def bench_config(args: argparse.Namespace, batch_size: int) -> Config:
 
 
 def build_sides(config: Config, num_data: int, args: argparse.Namespace) -> dict:
-    """The project's trainer and the yardstick, plus any demonstration variants asked for; equal initial weights."""
+    """The trainer's step and the yardstick, plus stock SVI if asked for; equal initial weights."""
     device = torch.device(config.device)
-    makers = {"project": lambda: ProjectTrainer(config, num_data, device, jit=args.jit),
+    makers = {"project": lambda: ProjectTrainer(config, num_data, device),
               "yardstick": lambda: Yardstick(config, num_data, device)}
-    if args.no_validation:
-        makers["project-novalid"] = lambda: ProjectTrainer(config, num_data, device, jit=args.jit, validate=False)
-    if args.torch_adam:
-        makers["project-torchadam"] = lambda: ProjectTorchAdam(config, num_data, device)
+    if args.stock_svi:
+        makers["stock-svi"] = lambda: StockSVI(config, num_data, device)
     sides = {}
     for name, make in makers.items():
         torch.manual_seed(config.seed)  # make_nets draws the same initial weights for every side
@@ -264,7 +239,7 @@ def build_sides(config: Config, num_data: int, args: argparse.Namespace) -> dict
 
 
 def bench_training(config: Config, data: MNIST, args: argparse.Namespace) -> dict:
-    """Interleaved timing of the project's SVI step and the yardstick's step at config.batch_size."""
+    """Interleaved timing of the trainer's step and the yardstick's step at config.batch_size."""
     device = torch.device(config.device)
     sides = build_sides(config, data.num_train, args)
     draw = batch_drawer(data, config.batch_size)
@@ -365,7 +340,7 @@ def run(args: argparse.Namespace) -> dict:
         "torch": torch.__version__, "pyro": pyro.__version__, "python": platform.python_version(),
         "data": "synthetic" if args.synthetic else "mnist", "num_train": data.num_train,
         "arch": args.arch, "conv_channels": list(args.conv_channels), "hidden_dim": args.hidden_dim,
-        "latent_dim": args.latent_dim, "jit": args.jit, "steps_per_block": args.steps, "repeats": args.repeats,
+        "latent_dim": args.latent_dim, "steps_per_block": args.steps, "repeats": args.repeats,
         "warmup_blocks": args.warmup, "training": [], "evaluation": None,
     }
     for batch_size in args.batch_size:
@@ -414,8 +389,7 @@ def format_report(results: dict) -> str:
     lines = [
         f"pyro_vae.bench  {r['date']}  {r['device']} ({r['device_name']}, {r['threads']} threads)  "
         f"torch {r['torch']}  pyro {r['pyro']}",
-        f"  {nets}, latent {r['latent_dim']}, {r['data']} ({r['num_train']:,} training images)"
-        f"{', JitTrace_ELBO' if r['jit'] else ''}",
+        f"  {nets}, latent {r['latent_dim']}, {r['data']} ({r['num_train']:,} training images)",
         f"  training: {r['repeats']} interleaved pairs of {r['steps_per_block']}-step blocks after "
         f"{r['warmup_blocks']} warm-up blocks per side",
         "  ratio: median over the pairs of side/yardstick wall time per block; cpu ratio: the same with the "
@@ -462,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = Config()
     parser = argparse.ArgumentParser(
         prog="python -m pyro_vae.bench",
-        description="Time the project's SVI training step against a hand-written PyTorch step on the same "
+        description="Time the trainer's SVI step against a hand-written PyTorch step on the same "
                     "networks, interleaved; time evaluation; report peak memory.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -477,12 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=10, help="training steps per timed block")
     parser.add_argument("--repeats", type=int, default=15, help="interleaved (project, yardstick) block pairs")
     parser.add_argument("--warmup", type=int, default=2, help="untimed blocks per side first")
-    parser.add_argument("--jit", action="store_true", help="JitTrace_ELBO instead of Trace_ELBO on the project side")
-    parser.add_argument("--no-validation", action="store_true",
-                        help="also time the project with pyro.enable_validation(False) (side project-novalid)")
-    parser.add_argument("--torch-adam", action="store_true",
-                        help="also time Trace_ELBO.differentiable_loss with one torch Adam, validation off "
-                             "(side project-torchadam)")
+    parser.add_argument("--stock-svi", action="store_true",
+                        help="also time pyro.infer.SVI with pyro.optim.Adam, validation on every step: what the "
+                             "trainer used before (side stock-svi)")
     parser.add_argument("--synthetic", action="store_true", help="random binary images instead of MNIST")
     parser.add_argument("--data-dir", default=defaults.data_dir)
     parser.add_argument("--train-size", type=int, default=0, help="first N training images (0: all 60,000)")

@@ -1,7 +1,7 @@
 """Data-parallel training on PyTorch's own engine: `torchrun --nproc_per_node N -m pyro_vae.train ...`.
 
 Each rank runs the same model and guide on its shard of every global batch; gradients are averaged
-across ranks before Pyro's optimizer steps, so all ranks keep identical parameters. The `data` plate
+across ranks before the optimizer steps, so all ranks keep identical parameters. The `data` plate
 still scales by N / B, so each rank's loss, and their mean, estimates the whole-data ELBO.
 """
 
@@ -13,9 +13,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from pyro import poutine
-from pyro.infer import SVI
-from pyro.infer.util import zero_grads
 
 
 @dataclass(frozen=True)
@@ -57,35 +54,24 @@ def broadcast_parameters(module: torch.nn.Module, ranks: Ranks) -> None:
             dist.broadcast(tensor, src=0)
 
 
-class DistributedSVI(SVI):
-    """SVI whose step averages gradients (and the loss) over ranks before the optimizer update.
+def average_gradients(params: list[torch.Tensor], loss: float, ranks: Ranks, stop) -> float:
+    """Average the gradients of params, and the loss, over the ranks in one all-reduce; return the mean loss.
 
-    The same three stages as `SVI.step` (loss_and_grads, optimizer, zero_grads) with one all-reduce
-    between the first two. A stop request on any rank is shared in the same all-reduce, so every rank
-    stops after the same step.
+    Only parameters that have a gradient take part: every rank runs the same program on the same kind
+    of batch, so that is the same list, in the same order, on every rank. A stop request on any rank is
+    shared in the same all-reduce, so every rank stops after the same step.
     """
-
-    def __init__(self, *args, ranks: Ranks, stop, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.ranks, self.stop = ranks, stop
-
-    def step(self, *args, **kwargs) -> float:
-        with poutine.trace(param_only=True) as capture:
-            loss = self.loss_and_grads(self.model, self.guide, *args, **kwargs)
-        # sorted by name: every rank packs the gradients in the same order
-        params = [site["value"].unconstrained() for _, site in sorted(capture.trace.nodes.items())]
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        extra = torch.tensor([loss, float(self.stop.signum is not None)], device=params[0].device)
-        flat = torch.cat([g.reshape(-1) for g in grads] + [extra.to(grads[0].dtype)])
-        dist.all_reduce(flat)
-        flat /= self.ranks.world
-        offset = 0
-        for p in params:
-            p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
-            offset += p.numel()
-        self.optim(params)
-        zero_grads(params)
-        loss, stopping = flat[-2:].tolist()
-        if stopping > 0 and self.stop.signum is None:
-            self.stop.signum = signal.SIGTERM  # another rank was asked to stop
-        return loss
+    params = [p for p in params if p.grad is not None]
+    extra = torch.tensor([loss, float(stop.signum is not None)], dtype=params[0].grad.dtype,
+                         device=params[0].device)
+    flat = torch.cat([p.grad.reshape(-1) for p in params] + [extra])
+    dist.all_reduce(flat)
+    flat /= ranks.world
+    offset = 0
+    for p in params:
+        p.grad = flat[offset:offset + p.numel()].view_as(p)
+        offset += p.numel()
+    loss, stopping = flat[-2:].tolist()
+    if stopping > 0 and stop.signum is None:
+        stop.signum = signal.SIGTERM  # another rank was asked to stop
+    return loss

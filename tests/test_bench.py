@@ -13,7 +13,7 @@ from pyro_vae import evaluate
 from pyro_vae.bench import ProjectTrainer, Yardstick, main, yardstick_loss
 from pyro_vae.config import Config
 from pyro_vae.model import build_vae
-from pyro_vae.train import make_elbo
+from pyro_vae.train import SVIStep, make_elbo
 
 NUM_DATA = 1000
 TINY = {"mlp": Config(arch="mlp", hidden_dim=32, latent_dim=4, device="cpu"),
@@ -72,11 +72,20 @@ def test_one_training_step_moves_both_sides_to_the_same_parameters():
         torch.testing.assert_close(value, reference[name], rtol=1e-5, atol=1e-5, msg=name)
 
 
-def test_jit_trace_elbo_steps_this_model():
-    project = ProjectTrainer(TINY["mlp"], NUM_DATA, torch.device("cpu"), jit=True)
+def test_the_project_side_is_the_trainers_step(monkeypatch):
+    """No bench-only path: each project step is one call of the SVIStep.step the training loop calls."""
+    calls = []
+    real_step = SVIStep.step
+
+    def counted(self, x, y=None):
+        calls.append(y)
+        return real_step(self, x, y)
+
+    monkeypatch.setattr(SVIStep, "step", counted)
+    project = ProjectTrainer(TINY["mlp"], NUM_DATA, torch.device("cpu"))
     with project.scope():
         losses = [project.step(_batch(seed=s)) for s in range(3)]
-    assert all(math.isfinite(loss) and loss > 0 for loss in losses)
+    assert calls == [None] * 3 and all(math.isfinite(loss) and loss > 0 for loss in losses)
 
 
 def test_tiny_benchmark_reports_a_sane_result(tmp_path, capsys):
@@ -84,13 +93,13 @@ def test_tiny_benchmark_reports_a_sane_result(tmp_path, capsys):
     code = main(["--device", "cpu", "--synthetic", "--train-size", "256", "--test-size", "64",
                  "--batch-size", "8", "16", "--arch", "mlp", "--hidden-dim", "16", "--latent-dim", "4",
                  "--steps", "2", "--repeats", "3", "--warmup", "1", "--eval-repeats", "1",
-                 "--ll-images", "4", "--ll-k", "8", "--ll-chunk", "4", "--no-validation", "--torch-adam",
+                 "--ll-images", "4", "--ll-k", "8", "--ll-chunk", "4", "--stock-svi",
                  "--json", str(out)])
     assert code == 0
     results = json.loads(out.read_text())
     assert [t["batch_size"] for t in results["training"]] == [8, 16]
     for t in results["training"]:
-        assert set(t["sides"]) == {"project", "yardstick", "project-novalid", "project-torchadam"}
+        assert set(t["sides"]) == {"project", "yardstick", "stock-svi"}
         for side in t["sides"].values():
             assert side["images_per_s"] > 0 and len(side["block_s"]) == 3
         assert math.isfinite(t["ratio"]) and t["ratio"] > 0

@@ -13,12 +13,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pyro.infer import SVI
 
 import pyro_vae
 from pyro_vae.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from pyro_vae.config import Config, parse_args
-from pyro_vae.train import Diverged, Interrupted, RunDirError, resume, train
+from pyro_vae.train import Diverged, Interrupted, RunDirError, SVIStep, resume, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,8 +33,8 @@ def _assert_same_weights(a, b):
 
 
 def _signal_at_step(monkeypatch, step, signum=signal.SIGTERM):
-    """Make SVI.step deliver a real signal to this process at the given (1-based) step."""
-    real_step, count = SVI.step, {"n": 0}
+    """Make SVIStep.step deliver a real signal to this process at the given (1-based) step."""
+    real_step, count = SVIStep.step, {"n": 0}
 
     def step_then_signal(self, *args, **kwargs):
         loss = real_step(self, *args, **kwargs)
@@ -44,7 +43,7 @@ def _signal_at_step(monkeypatch, step, signum=signal.SIGTERM):
             signal.raise_signal(signum)
         return loss
 
-    monkeypatch.setattr(SVI, "step", step_then_signal)
+    monkeypatch.setattr(SVIStep, "step", step_then_signal)
 
 
 def test_sigterm_mid_epoch_then_resume_ends_with_the_same_parameters(small_config, tmp_path, monkeypatch):
@@ -94,6 +93,16 @@ def test_cli_sigterm_in_a_subprocess_checkpoints_and_resumes_exactly(data_dir, t
     _assert_same_weights(_final_weights(tmp_path / "whole"), _final_weights(run))
 
 
+def test_a_checkpoint_of_the_pyro_optimizer_era_loads_but_is_not_resumed(small_config):
+    run = train(dataclasses.replace(small_config, max_steps=1))
+    state = read_checkpoint(run)
+    state["optimizer"] = {"encoder$$$head.weight": {"state": {}, "param_groups": []}}  # pyro.optim's get_state()
+    save_checkpoint(run / "checkpoint.pt", {k: v for k, v in state.items() if k != "format"})
+    assert pyro_vae.load(run).config.latent_dim == small_config.latent_dim
+    with pytest.raises(CheckpointError, match="older pyro_vae"):
+        resume(run)
+
+
 def test_a_kill_while_writing_a_checkpoint_leaves_the_previous_one(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
     save_checkpoint(path, {"epoch": 1, "weights": torch.ones(3)})
@@ -133,13 +142,13 @@ def test_sigkill_during_checkpoint_writes_never_corrupts_the_file(tmp_path):
 
 
 def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(small_config, monkeypatch):
-    real_step, count = SVI.step, {"n": 0}
+    real_step, count = SVIStep.step, {"n": 0}
 
     def goes_nan_in_epoch_2(self, *args, **kwargs):
         count["n"] += 1
         return real_step(self, *args, **kwargs) if count["n"] < 12 else float("nan")
 
-    monkeypatch.setattr(SVI, "step", goes_nan_in_epoch_2)
+    monkeypatch.setattr(SVIStep, "step", goes_nan_in_epoch_2)
     with pytest.raises(Diverged, match=r"step 12 \(epoch 2\).*nan.*--lr"):
         train(small_config)
     assert read_checkpoint(small_config.out)["epoch"] == 1

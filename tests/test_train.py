@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -9,10 +10,13 @@ from pathlib import Path
 import pyro
 import pytest
 import torch
+from pyro.infer import SVI
 
 import pyro_vae
 from pyro_vae.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
-from pyro_vae.train import main, train
+from pyro_vae.config import Config
+from pyro_vae.model import build_vae
+from pyro_vae.train import SVIStep, main, make_elbo, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,6 +33,36 @@ def test_short_training_run_lowers_the_loss(small_config):
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     assert rows[-1]["train_elbo"] > rows[0]["train_elbo"] + 20
     assert rows[-1]["test_elbo"] > rows[0]["test_elbo"]
+
+
+def test_the_training_step_moves_the_parameters_exactly_as_pyro_svi_does():
+    """One torch Adam over all parameters steps each one as pyro.optim's one Adam per parameter does."""
+    config = Config(conv_channels=(4, 8), latent_dim=4, device="cpu")
+    batches = [torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(s)).bernoulli() for s in range(3)]
+    losses, weights = [], []
+    for make_step in (lambda vae: SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": config.lr}), make_elbo(config)),
+                      lambda vae: SVIStep(vae, config)):
+        pyro.clear_param_store()
+        torch.manual_seed(0)
+        vae = build_vae(config, num_data=1000)
+        svi = make_step(vae)
+        losses.append([svi.step(x) for x in batches])
+        weights.append(vae.state_dict())
+    assert losses[0] == losses[1]
+    for name, value in weights[0].items():
+        assert torch.equal(value, weights[1][name]), name
+
+
+def test_pyro_checks_the_first_training_step_only():
+    """Validation catches a mistake on the first step; later steps skip Pyro's checks, for speed."""
+    config = Config(conv_channels=(4, 8), latent_dim=4, device="cpu")
+    grey = torch.full((8, 1, 28, 28), 0.5)  # outside the support of the Bernoulli likelihood
+    svi = SVIStep(build_vae(config, num_data=1000), config)
+    with pytest.raises(ValueError, match="support"):
+        svi.step(grey)
+    svi.step(grey.bernoulli())
+    assert math.isfinite(svi.step(grey))
+    assert pyro.infer.util.is_validation_enabled()  # as the test set it, outside the step
 
 
 def test_checkpoint_holds_the_trained_parameters_and_loads_back_exactly(small_config, tmp_path):
