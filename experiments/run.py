@@ -83,6 +83,8 @@ def extra_figures(run_dir: Path, config: Config) -> str:
     the digit asked for in its samples; semi-supervised, the test accuracy of q(y | x)."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     extra = [f"test ELBO on all {config.test_size or 10000} test images {rows[-1]['test_elbo']:.2f}"]
+    if config.conditional and not config.labels:
+        extra.append("log p(x, y) given the test labels, not log p(x)")
     if config.conditional:
         from digit_classifier import sample_recognition
 

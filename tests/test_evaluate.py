@@ -10,7 +10,7 @@ from torch import nn
 
 from pyro_vae import Config, TrainedVAE, build_vae
 from pyro_vae.checkpoint import save_checkpoint
-from pyro_vae.evaluate import (evaluate_run, grid_posteriors, importance_estimates, kl_to_standard_normal,
+from pyro_vae.evaluate import (evaluate_run, format_table, grid_posteriors, importance_estimates, kl_to_standard_normal,
                                log_weights, main, posterior_on_grid)
 
 
@@ -183,6 +183,9 @@ def test_cli_writes_json_and_table(one_active_run, tmp_path, capsys):
     assert results["num_images"] == 30 and results["k"] == 20 and results["device"] == "cpu"
     assert results["seconds"] > 0 and len(results["kl_per_dim_to_standard_normal"]) == 3
     assert f"{results['log_px']['mean']:.2f}" in out
+    assert "log p(x), importance-sampled" in out and results["labels_observed"] is False
+    # a label-conditioned model told the test labels estimates the joint, and the table says so
+    assert "log p(x, y), importance-sampled" in format_table({**results, "labels_observed": True})
 
 
 def test_cli_bad_run_is_a_one_line_error(tmp_path, capsys):
