@@ -41,6 +41,8 @@ class Config:
     arch: str = _opt("conv", "encoder/decoder networks", choices=("conv", "mlp"))
     conv_channels: tuple = _opt((32, 64), "channels of the two stride-2 conv layers", minimum=1, nargs=2)
     hidden_dim: int = _opt(400, "hidden units of the mlp networks", minimum=1)
+    init: str = _opt("torch", "initial weights of the networks: torch's defaults, or glorot (Keras's defaults: "
+                              "Glorot-uniform weights, zero biases)", choices=("torch", "glorot"))
     # the generative story and the posterior family
     prior: str = _opt("normal", "p(z)", choices=("normal", "laplace", "studentt", "mog", "vamp", "flow"))
     prior_components: int = _opt(10, "mixture components of the mog prior, pseudo-inputs of the vamp prior",

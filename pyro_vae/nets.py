@@ -97,8 +97,21 @@ def make_classifier(config, num_classes: int = 10) -> Classifier:
     return Classifier(encoder.features, encoder.head.in_features, num_classes)
 
 
+def glorot_(module: nn.Module) -> nn.Module:
+    """Keras's default initialisation, in place: Glorot-uniform weights, zero biases, for every linear and conv layer."""
+    for layer in module.modules():
+        if isinstance(layer, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.xavier_uniform_(layer.weight)
+            nn.init.zeros_(layer.bias)
+    return module
+
+
 def make_nets(config, cond_dim: int = 0) -> tuple[Encoder, Decoder]:
-    """Encoder and decoder for config.arch."""
+    """Encoder and decoder for config.arch, initialised as config.init says."""
     if config.arch == "mlp":
-        return mlp_nets(config.latent_dim, config.hidden_dim, cond_dim)
-    return conv_nets(config.latent_dim, tuple(config.conv_channels), cond_dim)
+        nets = mlp_nets(config.latent_dim, config.hidden_dim, cond_dim)
+    else:
+        nets = conv_nets(config.latent_dim, tuple(config.conv_channels), cond_dim)
+    if config.init == "glorot":
+        nets = tuple(glorot_(net) for net in nets)
+    return nets

@@ -5,6 +5,7 @@ import pytest
 import torch
 from pyro import poutine
 from pyro.infer import Trace_ELBO
+from torch import nn
 
 from pyro_vae import Config, build_vae
 from pyro_vae.evaluate import log_weights
@@ -69,3 +70,18 @@ def test_networks_take_extra_leading_dimensions():
     assert vae.decoder(z).shape == (2, 5, 1, 28, 28)
     loc, scale = vae.encoder(_images(5))
     assert loc.shape == scale.shape == (5, 3) and (scale > 0).all()
+
+
+def test_glorot_init_gives_keras_initial_weights():
+    layers = lambda vae: [m for m in [*vae.encoder.modules(), *vae.decoder.modules()]
+                          if isinstance(m, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d))]
+    torch.manual_seed(0)
+    keras = build_vae(Config(latent_dim=2, init="glorot", device="cpu"))
+    torch.manual_seed(0)
+    default = build_vae(Config(latent_dim=2, device="cpu"))
+    for layer in layers(keras):
+        fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(layer.weight)
+        bound = (6 / (fan_in + fan_out)) ** 0.5
+        assert (layer.bias == 0).all() and layer.weight.abs().max() <= bound
+        assert layer.weight.abs().max() > 0.9 * bound  # uniform on the whole interval, not a smaller one
+    assert any((layer.bias != 0).any() for layer in layers(default))  # torch's defaults are left alone
