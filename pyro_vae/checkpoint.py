@@ -32,6 +32,12 @@ def save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
+def run_directory(run: str | Path) -> Path:
+    """The directory of a run given as a directory or as its checkpoint file."""
+    run = Path(run).expanduser()
+    return run if run.is_dir() else run.parent
+
+
 def read_checkpoint(path: str | Path) -> dict:
     """The checkpoint dict at path (a run directory or a .pt file), loaded without running any code."""
     path = Path(path).expanduser()

@@ -19,7 +19,7 @@ from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 from tqdm import tqdm
 
-from .checkpoint import CheckpointError, TrainedVAE, load
+from .checkpoint import CheckpointError, TrainedVAE, load, run_directory
 from .data import DataError, load_mnist
 
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. (2016): a unit is active when Cov_x(E_q[z_d | x]) exceeds this
@@ -328,12 +328,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", default=None, help="where MNIST is unpacked (default: the run's --data-dir)")
     parser.add_argument("--out", default=None, help="JSON file to write (default: RUN/evaluation.json)")
     return parser
-
-
-def run_directory(run: str | Path) -> Path:
-    """The directory of a run given as a directory or as its checkpoint file."""
-    run = Path(run).expanduser()
-    return run if run.is_dir() else run.parent
 
 
 def main(argv=None) -> int:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torchvision.utils import make_grid, save_image
 
-from .checkpoint import CheckpointError, load
+from .checkpoint import CheckpointError, load, run_directory
 from .data import DataError, load_mnist
 from .evaluate import grid_posteriors, posterior_params
 
@@ -366,9 +366,8 @@ def plot_run(run_dir: Path, out: Path | None = None, *, axes: tuple[int, int] | 
     styles: test indices whose style a label-conditioned run writes as every digit (default: the
     first test image of each digit).
     """
-    run_dir = Path(run_dir).expanduser()
     run = load(run_dir, device=device)
-    run_dir = run_dir if run_dir.is_dir() else run_dir.parent
+    run_dir = run_directory(run_dir)
     out = Path(out or run_dir / "plots")
     out.mkdir(parents=True, exist_ok=True)
     config = run.config

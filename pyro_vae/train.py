@@ -19,7 +19,8 @@ import torch
 from pyro.infer import RenyiELBO, Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
 from tqdm.auto import tqdm
 
-from .checkpoint import CHECKPOINT_NAME, CheckpointError, TrainedVAE, read_checkpoint, save_checkpoint
+from .checkpoint import (CHECKPOINT_NAME, CheckpointError, TrainedVAE, read_checkpoint, run_directory,
+                         save_checkpoint)
 from .config import Config, parse_command_line
 from .data import DataError, load_mnist
 from .evaluate import elbo_per_image
@@ -213,9 +214,7 @@ def resume(run_dir: str | Path) -> Path:
         config = Config.from_dict(state["config"])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{run_dir} holds a checkpoint of another version of pyro_vae: {e}") from e
-    run_dir = Path(run_dir).expanduser()
-    out = run_dir if run_dir.is_dir() else run_dir.parent
-    return _fit(config, out, state, distributed.setup(torch.device(config.device).type))
+    return _fit(config, run_directory(run_dir), state, distributed.setup(torch.device(config.device).type))
 
 
 def _fit(config: Config, out: Path, state: dict | None, ranks: distributed.Ranks) -> Path:
