@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import json
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ import torch
 
 from pyro_vae import Config, load
 from pyro_vae.evaluate import evaluate_run
+from pyro_vae.plot import read_metrics
 from pyro_vae.train import train
 
 HERE = Path(__file__).resolve().parent
@@ -78,19 +78,20 @@ def _variant(config: Config) -> str:
     return " ".join(f"--{f.name.replace('_', '-')} {getattr(config, f.name)}" for f in changed) or "defaults"
 
 
-def extra_figures(run_dir: Path, config: Config) -> str:
-    """Figures beyond the table's columns: the last epoch's single-sample test ELBO on the whole test set; for the CVAE, how often an independent classifier recognises
-    the digit asked for in its samples; semi-supervised, the test accuracy of q(y | x)."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    extra = [f"test ELBO on all {config.test_size or 10000} test images {rows[-1]['test_elbo']:.2f}"]
-    if config.conditional and not config.labels:
+def extra_figures(run_dir: Path, trained, figures: dict) -> str:
+    """Figures beyond the table's columns: the last epoch's single-sample test ELBO on the whole test set; for
+    the CVAE, how often an independent classifier recognises the digit asked for in its samples;
+    semi-supervised, the test accuracy of q(y | x). figures: what evaluate_run reported for the run."""
+    last = read_metrics(run_dir)[-1]
+    extra = [f"test ELBO on all {figures['num_test_images']} test images {last['test_elbo']:.2f}"]
+    if figures["labels_observed"]:
         extra.append("log p(x, y) given the test labels, not log p(x)")
-    if config.conditional:
+    if trained.config.conditional:
         from digit_classifier import sample_recognition
 
-        extra.append(f"samples recognised {sample_recognition(load(run_dir, device=config.device)):.3f}")
-    if "test_accuracy" in rows[-1]:
-        extra.append(f"classifier accuracy {rows[-1]['test_accuracy']:.4f}")
+        extra.append(f"samples recognised {sample_recognition(trained):.3f}")
+    if "test_accuracy" in last:
+        extra.append(f"classifier accuracy {last['test_accuracy']:.4f}")
     return "; ".join(extra)
 
 
@@ -101,13 +102,14 @@ def run(name: str, *, full: bool, k: int, limit: int, out_root: Path, device: st
     started = time.perf_counter()
     run_dir = train(config)
     minutes = (time.perf_counter() - started) / 60
-    figures = evaluate_run(load(run_dir, device=config.device), k=k, limit=limit, device=config.device)
+    trained = load(run_dir, device=config.device)
+    figures = evaluate_run(trained, k=k, limit=limit, device=config.device)
     row = {
         "experiment": name, "version": "full" if full else "short", "variant": _variant(config),
         "epochs": config.epochs, "device": _device_name(config.device), "train_minutes": f"{minutes:.1f}",
         "test_elbo": f"{figures['elbo']['mean']:.2f}", "log_px": f"{figures['log_px']['mean']:.2f}",
         "k": k, "images": figures["num_images"], "active_units": figures["active_units"],
-        "extra": extra_figures(run_dir, config), "date": f"{date.today():%Y-%m-%d}", "commit": _commit(),
+        "extra": extra_figures(run_dir, trained, figures), "date": f"{date.today():%Y-%m-%d}", "commit": _commit(),
     }
     new = not RESULTS.exists()
     with open(RESULTS, "a", newline="") as f:
