@@ -53,6 +53,11 @@ class Config:
                       choices=("normal", "iaf", "delta"))
     flow_steps: int = _opt(2, "steps of the iaf guide and of the flow prior", minimum=1)
     conditional: bool = _opt(False, "label-conditioned CVAE: p(z | y) = Normal(mu_y, I), decoder and guide see y")
+    class_prior: str = _opt("learned", "with --conditional: p(z | y) = Normal(mu_y, I) with a learned mean per digit, "
+                                       "or standard: Normal(0, I) for every digit (Kingma et al.'s M2)",
+                            choices=("learned", "standard"))
+    label_at: str = _opt("head", "with --conditional: where the guide q(z | x, y) takes y in: the encoder's head, "
+                                 "or input: its first layer (Kingma et al.'s M2)", choices=("head", "input"))
     labels: int = _opt(0, "with --conditional: use only this many training labels, semi-supervised (0: all)",
                        minimum=0)
     classifier_weight: float = _opt(46.0, "semi-supervised: weight of log q(y | x) on labelled images", minimum=0.0)
@@ -141,8 +146,10 @@ class Config:
                             f"{' or '.join(fits)}, not --binarize {self.binarize}")
         if self.conditional and self.prior != "normal":
             problems.append("--conditional has its own prior p(z | y) = Normal(mu_y, I): leave --prior normal")
-        if self.labels and not self.conditional:
-            problems.append("--labels needs --conditional (the label-conditioned model)")
+        defaults = Config()
+        for name in ("labels", "class_prior", "label_at"):
+            if getattr(self, name) != getattr(defaults, name) and not self.conditional:
+                problems.append(f"{_flag(name)} needs --conditional (the label-conditioned model)")
         if self.labels and self.labels < 10:
             problems.append(f"--labels must be at least 10 (one per digit), not {self.labels}")
         if self.labels > (self.train_size or 60000):

@@ -26,16 +26,44 @@ def _cat(h: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
 
 
 class Encoder(nn.Module):
-    """x (..., 1, 28, 28) -> loc, scale (..., latent_dim) of a diagonal Gaussian."""
+    """x (..., 1, 28, 28) -> loc, scale (..., latent_dim) of a diagonal Gaussian.
 
-    def __init__(self, features: nn.Module, feature_dim: int, latent_dim: int, cond_dim: int = 0):
+    A conditioning vector c (the CVAE's one-hot label) joins at the head, or, with `cond_at_input`,
+    at the first layer: a learned vector per class added to that layer's pre-activations (for an MLP
+    exactly the first layer applied to [x, c]). There the label shapes every feature, as in Kingma
+    et al.'s M2; under enumeration the first layer still runs once per image, not once per label.
+    """
+
+    def __init__(self, features: nn.Module, feature_dim: int, latent_dim: int, cond_dim: int = 0,
+                 cond_at_input: bool = False):
         super().__init__()
         self.features = features
-        self.head = nn.Linear(feature_dim + cond_dim, 2 * latent_dim)
+        self.cond_input = None
+        if cond_dim and cond_at_input:
+            first = next(m for m in features if isinstance(m, (nn.Linear, nn.Conv2d)))
+            self.first_layers = list(features).index(first) + 1  # features[:first_layers] is pre-activation
+            self.cond_input = nn.Linear(cond_dim, getattr(first, "out_features", None) or first.out_channels,
+                                        bias=False)
+        head_in = feature_dim + (cond_dim if self.cond_input is None else 0)
+        self.head = nn.Linear(head_in, 2 * latent_dim)
+
+    def _features(self, x: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+        batch = x.shape[:-3]
+        x = x.reshape(-1, *IMAGE_SHAPE)
+        if self.cond_input is None or c is None:
+            return self.features(x).reshape(*batch, -1)  # (..., feature_dim)
+        h = self.features[:self.first_layers](x)  # (N, C, ...): the first layer's pre-activations
+        item = h.shape[1:]
+        bias = self.cond_input(c).reshape(*c.shape[:-1], item[0], *[1] * (len(item) - 1))
+        h = h.reshape(*batch, *item) + bias  # broadcasts images against (enumerated) labels
+        batch = h.shape[:-len(item)]
+        return self.features[self.first_layers:](h.reshape(-1, *item)).reshape(*batch, -1)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.features(x.reshape(-1, *IMAGE_SHAPE)).reshape(*x.shape[:-3], -1)  # (..., feature_dim)
-        loc, raw_scale = self.head(_cat(h, c)).chunk(2, dim=-1)
+        h = self._features(x, c)
+        if self.cond_input is None:
+            h = _cat(h, c)
+        loc, raw_scale = self.head(h).chunk(2, dim=-1)
         return loc, F.softplus(raw_scale) + 1e-4  # floor keeps log q(z|x) finite
 
 
@@ -52,7 +80,8 @@ class Decoder(nn.Module):
         return self.body(h.reshape(-1, h.shape[-1])).reshape(*h.shape[:-1], *IMAGE_SHAPE)
 
 
-def conv_nets(latent_dim: int, channels=(32, 64), cond_dim: int = 0) -> tuple[Encoder, Decoder]:
+def conv_nets(latent_dim: int, channels=(32, 64), cond_dim: int = 0, cond_at_input: bool = False
+              ) -> tuple[Encoder, Decoder]:
     """The conv VAE of the TensorFlow and Keras tutorials: Conv 32, 64 (stride 2); ConvTranspose 64, 32, 1."""
     c1, c2 = channels
     features = nn.Sequential(
@@ -67,15 +96,16 @@ def conv_nets(latent_dim: int, channels=(32, 64), cond_dim: int = 0) -> tuple[En
         nn.ConvTranspose2d(c2, c1, 3, stride=2, padding=1, output_padding=1), nn.ReLU(),  # (B, c1, 28, 28)
         nn.ConvTranspose2d(c1, 1, 3, stride=1, padding=1),  # (B, 1, 28, 28)
     )
-    return Encoder(features, c2 * 7 * 7, latent_dim, cond_dim), Decoder(body, latent_dim, cond_dim)
+    return Encoder(features, c2 * 7 * 7, latent_dim, cond_dim, cond_at_input), Decoder(body, latent_dim, cond_dim)
 
 
-def mlp_nets(latent_dim: int, hidden_dim: int = 400, cond_dim: int = 0) -> tuple[Encoder, Decoder]:
+def mlp_nets(latent_dim: int, hidden_dim: int = 400, cond_dim: int = 0, cond_at_input: bool = False
+             ) -> tuple[Encoder, Decoder]:
     """The fully connected VAE of Pyro's tutorial: 784-hidden-z and back."""
     features = nn.Sequential(nn.Flatten(), nn.Linear(PIXELS, hidden_dim), nn.Softplus())
     body = nn.Sequential(nn.Linear(latent_dim + cond_dim, hidden_dim), nn.Softplus(),
                          nn.Linear(hidden_dim, PIXELS))
-    return Encoder(features, hidden_dim, latent_dim, cond_dim), Decoder(body, latent_dim, cond_dim)
+    return Encoder(features, hidden_dim, latent_dim, cond_dim, cond_at_input), Decoder(body, latent_dim, cond_dim)
 
 
 class Classifier(nn.Module):
@@ -108,10 +138,11 @@ def glorot_(module: nn.Module) -> nn.Module:
 
 def make_nets(config, cond_dim: int = 0) -> tuple[Encoder, Decoder]:
     """Encoder and decoder for config.arch, initialised as config.init says."""
+    at_input = config.label_at == "input"
     if config.arch == "mlp":
-        nets = mlp_nets(config.latent_dim, config.hidden_dim, cond_dim)
+        nets = mlp_nets(config.latent_dim, config.hidden_dim, cond_dim, at_input)
     else:
-        nets = conv_nets(config.latent_dim, tuple(config.conv_channels), cond_dim)
+        nets = conv_nets(config.latent_dim, tuple(config.conv_channels), cond_dim, at_input)
     if config.init == "glorot":
         nets = tuple(glorot_(net) for net in nets)
     return nets

@@ -86,11 +86,19 @@ class Flow(nn.Module):
 
 
 class LabelConditional(nn.Module):
-    """p(z | y) = Normal(mu_y, I), one learned mean per digit class (the CVAE's prior)."""
+    """p(z | y) = Normal(mu_y, I), one learned mean per digit class (the CVAE's prior).
 
-    def __init__(self, latent_dim: int, num_classes: int = 10):
+    With `learned=False` every mean stays at zero: p(z | y) = Normal(0, I), z independent of y, as
+    in Kingma et al.'s M2, so the digit is carried by y alone and z holds only the style.
+    """
+
+    def __init__(self, latent_dim: int, num_classes: int = 10, learned: bool = True):
         super().__init__()
-        self.class_means = nn.Parameter(torch.zeros(num_classes, latent_dim))  # starts as Normal(0, I) for all
+        means = torch.zeros(num_classes, latent_dim)  # starts as Normal(0, I) for all
+        if learned:
+            self.class_means = nn.Parameter(means)
+        else:
+            self.register_buffer("class_means", means)
 
     def forward(self, y: torch.Tensor) -> dist.Distribution:
         return dist.Normal(self.class_means[y], 1.0).to_event(1)  # y (...) -> batch (...), event (D,)
@@ -99,7 +107,7 @@ class LabelConditional(nn.Module):
 def make_prior(config, encoder: nn.Module) -> nn.Module:
     """The prior that config names; the VampPrior shares the guide's encoder."""
     if config.conditional:
-        return LabelConditional(config.latent_dim)
+        return LabelConditional(config.latent_dim, learned=config.class_prior == "learned")
     return {
         "normal": lambda: StandardNormal(config.latent_dim),
         "laplace": lambda: Laplace(config.latent_dim),
