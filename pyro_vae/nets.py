@@ -50,8 +50,10 @@ class Encoder(nn.Module):
     def _features(self, x: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
         batch = x.shape[:-3]
         x = x.reshape(-1, *IMAGE_SHAPE)
-        if self.cond_input is None or c is None:
+        if self.cond_input is None:
             return self.features(x).reshape(*batch, -1)  # (..., feature_dim)
+        if c is None:
+            raise ValueError("this encoder is conditioned on the label at its input: give the one-hot label c")
         h = self.features[:self.first_layers](x)  # (N, C, ...): the first layer's pre-activations
         item = h.shape[1:]
         bias = self.cond_input(c).reshape(*c.shape[:-1], item[0], *[1] * (len(item) - 1))

@@ -3,6 +3,7 @@
 import dataclasses
 
 import pyro
+import pyro.distributions as dist
 import pytest
 import torch
 from pyro import poutine
@@ -32,6 +33,8 @@ VARIANTS = {
     "beta with warm-up": {"beta": 2.0, "kl_warmup_epochs": 1.0},
     "conditional": {"conditional": True},
     "semi-supervised": {"conditional": True, "labels": 100},
+    "semi-supervised M2 (standard prior, y at input)": {"conditional": True, "labels": 100,
+                                                        "class_prior": "standard", "label_at": "input"},
 }
 
 
@@ -158,6 +161,8 @@ def test_semi_supervised_epoch_mixes_labelled_and_unlabelled_batches(datasets, d
     (["--elbo", "iwae"], "--elbo iwae needs --num-particles 2 or more"),
     (["--conditional", "--prior", "vamp"], "--conditional has its own prior"),
     (["--labels", "100"], "--labels needs --conditional"),
+    (["--class-prior", "standard"], "--class-prior needs --conditional"),
+    (["--label-at", "input"], "--label-at needs --conditional"),
     (["--conditional", "--labels", "100", "--elbo", "iwae", "--num-particles", "3"], "TraceEnum_ELBO"),
     (["--prior", "flow", "--latent-dim", "1"], "need --latent-dim 2 or more"),
 ])
@@ -180,3 +185,41 @@ def test_semi_supervised_classifier_term_only_on_labelled_images(data_dir):
     x = torch.rand(5, 1, 28, 28).bernoulli()
     assert "y_aux" in _model_sites(vae, x, torch.arange(5))
     assert "y_aux" not in _model_sites(vae, x)
+
+
+def test_standard_class_prior_is_normal_0_i_for_every_digit(datasets, data_dir):
+    config = _config(data_dir, conditional=True, class_prior="standard")
+    data = _data(datasets, config)
+    vae = build_vae(config, num_data=data.num_train)
+    assert "class_means" not in dict(vae.prior.named_parameters())  # nothing for the optimizer to move
+    svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 1e-2}), loss=make_elbo(config))
+    for xb, yb in data.epoch(config.batch_size):
+        svi.step(xb, yb)
+    z = torch.randn(10, 4)
+    for digit in (0, 7):
+        p = vae.prior(torch.full((10,), digit))
+        assert torch.allclose(p.log_prob(z), dist.Normal(0.0, 1.0).log_prob(z).sum(-1))
+
+
+@pytest.mark.parametrize("arch", ["mlp", "conv"])
+def test_label_at_input_joins_the_first_layer(arch, data_dir):
+    config = _config(data_dir, conditional=True, labels=100, label_at="input", arch=arch, hidden_dim=16)
+    encoder = build_vae(config, num_data=960).encoder
+    x = torch.rand(3, 1, 28, 28).bernoulli()
+    y = torch.tensor([4, 0, 9])
+    one_hot = torch.nn.functional.one_hot(y, 10).float()
+    loc, scale = encoder(x, one_hot)
+    assert encoder.head.in_features == (16 if arch == "mlp" else 16 * 7 * 7)  # y is not appended at the head
+    # under enumeration (labels (10, 1, 10) against images (3,)): the same as each label given on its own
+    every = torch.nn.functional.one_hot(torch.arange(10), 10).float().reshape(10, 1, 10)
+    loc_all, scale_all = encoder(x, every)
+    assert loc_all.shape == (10, 3, 4)
+    assert torch.allclose(loc_all[y, torch.arange(3)], loc, atol=1e-5)
+    assert torch.allclose(scale_all[y, torch.arange(3)], scale, atol=1e-5)
+    # the label changes the features, not only the head
+    assert not torch.allclose(encoder._features(x, one_hot), encoder._features(x, one_hot.roll(1, -1)))
+    if arch == "mlp":  # exactly the first layer applied to [x, y], as in Kingma et al.'s M2
+        first = encoder.features[1]
+        weight = torch.cat([first.weight, encoder.cond_input.weight], dim=1)
+        hidden = torch.nn.functional.softplus(torch.cat([x.flatten(1), one_hot], 1) @ weight.T + first.bias)
+        assert torch.allclose(encoder.head(hidden).chunk(2, -1)[0], loc, atol=1e-5)
