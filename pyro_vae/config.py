@@ -60,6 +60,8 @@ class Config:
                                  "or input: its first layer (Kingma et al.'s M2)", choices=("head", "input"))
     labels: int = _opt(0, "with --conditional: use only this many training labels, semi-supervised (0: all)",
                        minimum=0)
+    classifier_arch: str = _opt("", "semi-supervised: network of q(y | x), conv or mlp (default: the --arch of the "
+                                    "encoder and decoder)", choices=("", "conv", "mlp"))
     classifier_weight: float = _opt(46.0, "semi-supervised: weight of log q(y | x) on labelled images", minimum=0.0)
     # the objective
     elbo: str = _opt("trace", "trace: Trace_ELBO; meanfield: analytic KL; iwae: importance-weighted bound",
@@ -150,6 +152,9 @@ class Config:
         for name in ("labels", "class_prior", "label_at"):
             if getattr(self, name) != getattr(defaults, name) and not self.conditional:
                 problems.append(f"{_flag(name)} needs --conditional (the label-conditioned model)")
+        if self.classifier_arch and not self.labels:
+            problems.append("--classifier-arch is the network of q(y | x), which only the semi-supervised model "
+                            "has: use it with --conditional --labels N")
         if self.labels and self.labels < 10:
             problems.append(f"--labels must be at least 10 (one per digit), not {self.labels}")
         if self.labels > (self.train_size or 60000):

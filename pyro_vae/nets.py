@@ -6,6 +6,8 @@ particles (`(S, B, ...)`) as well as over images (`(B, ...)`).
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -124,8 +126,9 @@ class Classifier(nn.Module):
 
 
 def make_classifier(config, num_classes: int = 10) -> Classifier:
-    """A network of the same family as the encoder that predicts the digit."""
-    encoder, _ = make_nets(config)
+    """A network that predicts the digit: the encoder's feature layers (of --classifier-arch, else --arch) and a head."""
+    arch = config.classifier_arch or config.arch
+    encoder, _ = make_nets(dataclasses.replace(config, arch=arch))
     return Classifier(encoder.features, encoder.head.in_features, num_classes)
 
 
