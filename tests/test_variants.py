@@ -33,8 +33,9 @@ VARIANTS = {
     "beta with warm-up": {"beta": 2.0, "kl_warmup_epochs": 1.0},
     "conditional": {"conditional": True},
     "semi-supervised": {"conditional": True, "labels": 100},
-    "semi-supervised M2 (standard prior, y at input)": {"conditional": True, "labels": 100,
-                                                        "class_prior": "standard", "label_at": "input"},
+    "semi-supervised M2 (standard prior, y at input, mlp nets, conv classifier)": {
+        "conditional": True, "labels": 100, "class_prior": "standard", "label_at": "input",
+        "arch": "mlp", "hidden_dim": 64, "classifier_arch": "conv"},
 }
 
 
@@ -163,6 +164,7 @@ def test_semi_supervised_epoch_mixes_labelled_and_unlabelled_batches(datasets, d
     (["--labels", "100"], "--labels needs --conditional"),
     (["--class-prior", "standard"], "--class-prior needs --conditional"),
     (["--label-at", "input"], "--label-at needs --conditional"),
+    (["--conditional", "--classifier-arch", "conv"], "--classifier-arch is the network of q(y | x)"),
     (["--conditional", "--labels", "100", "--elbo", "iwae", "--num-particles", "3"], "TraceEnum_ELBO"),
     (["--prior", "flow", "--latent-dim", "1"], "need --latent-dim 2 or more"),
 ])
@@ -223,3 +225,13 @@ def test_label_at_input_joins_the_first_layer(arch, data_dir):
         weight = torch.cat([first.weight, encoder.cond_input.weight], dim=1)
         hidden = torch.nn.functional.softplus(torch.cat([x.flatten(1), one_hot], 1) @ weight.T + first.bias)
         assert torch.allclose(encoder.head(hidden).chunk(2, -1)[0], loc, atol=1e-5)
+
+
+def test_classifier_arch_picks_the_network_of_q_y_given_x(data_dir):
+    same = build_vae(_config(data_dir, conditional=True, labels=100, arch="mlp", hidden_dim=16), num_data=960)
+    conv = build_vae(_config(data_dir, conditional=True, labels=100, arch="mlp", hidden_dim=16,
+                             classifier_arch="conv"), num_data=960)
+    assert isinstance(same.classifier.features[1], torch.nn.Linear)  # the encoder's family by default
+    assert isinstance(conv.classifier.features[0], torch.nn.Conv2d)
+    assert isinstance(conv.encoder.features[1], torch.nn.Linear)  # the VAE's own networks stay MLPs
+    assert conv.classifier(torch.rand(2, 5, 1, 28, 28)).shape == (2, 5, 10)
