@@ -61,3 +61,15 @@ def test_digit_classifier_trains_even_when_called_under_no_grad(monkeypatch, dat
     with torch.no_grad():
         _, accuracy = digit_classifier.train_classifier(str(data_dir), epochs=1, train_size=1024)
     assert accuracy > 0.5  # ten classes: chance is 0.1
+
+
+def test_grey_test_accuracy_feeds_the_classifier_the_grey_images(runner, data_dir):
+    class Trained:  # right only when it is shown grey values, as Pyro's tutorial's images are
+        config = Config(conditional=True, labels=100, test_size=64, data_dir=str(data_dir))
+
+        def classify(self, x):
+            grey = ((x > 0) & (x < 1)).flatten(1).any(1)
+            return torch.where(grey, labels, (labels + 1) % 10)
+
+    labels = runner.load_mnist(data_dir, binarize="none", test_size=64).test_labels
+    assert runner.grey_test_accuracy(Trained()) == 1.0
