@@ -33,7 +33,7 @@ from pyro.infer import SVI
 from torch.nn import functional as F
 
 from . import evaluate
-from .config import Config
+from .config import MNIST_TEST, MNIST_TRAIN, Config
 from .data import MNIST, load_mnist
 from .model import build_vae
 from .nets import make_nets
@@ -324,7 +324,7 @@ def load_data(args: argparse.Namespace) -> MNIST:
     """Real MNIST on the device, or random binary images of its size with --synthetic."""
     device = torch.device(args.device)
     if args.synthetic:
-        return synthetic_mnist(args.train_size or 60000, args.test_size or 10000, device, args.seed)
+        return synthetic_mnist(args.train_size or MNIST_TRAIN, args.test_size or MNIST_TEST, device, args.seed)
     return load_mnist(args.data_dir, device=device, train_size=args.train_size, test_size=args.test_size)
 
 
@@ -481,7 +481,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     for flag in ("warmup", "ll_images", "train_size", "test_size", "threads"):
         if getattr(args, flag) < 0:
             parser.error(f"--{flag.replace('_', '-')} must be at least 0, not {getattr(args, flag)}")
-    if min(args.batch_size) < 1 or max(args.batch_size) > (args.train_size or 60000):
+    if min(args.batch_size) < 1 or max(args.batch_size) > (args.train_size or MNIST_TRAIN):
         parser.error(f"--batch-size must be between 1 and the number of training images, not {args.batch_size}")
     if min(args.conv_channels) < 1:
         parser.error(f"--conv-channels must be positive, not {args.conv_channels}")

@@ -13,6 +13,9 @@ from pathlib import Path
 import torch
 
 
+MNIST_TRAIN, MNIST_TEST = 60000, 10000  # images in MNIST's official training and test splits
+
+
 def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -118,10 +121,10 @@ class Config:
             problems.append("--beta must be positive, not 0")
         problems += self._combination_errors()
         for name in ("train_size", "test_size"):
-            limit = {"train_size": 60000, "test_size": 10000}[name]
+            limit = {"train_size": MNIST_TRAIN, "test_size": MNIST_TEST}[name]
             if getattr(self, name) > limit:
                 problems.append(f"{_flag(name)} must be at most {limit}, not {getattr(self, name)}")
-        train_n = self.train_size or 60000
+        train_n = self.train_size or MNIST_TRAIN
         if self.batch_size > train_n:
             problems.append(f"--batch-size must be at most the number of training images ({train_n}), "
                             f"not {self.batch_size}")
@@ -157,7 +160,7 @@ class Config:
                             "has: use it with --conditional --labels N")
         if self.labels and self.labels < 10:
             problems.append(f"--labels must be at least 10 (one per digit), not {self.labels}")
-        if self.labels > (self.train_size or 60000):
+        if self.labels > (self.train_size or MNIST_TRAIN):
             problems.append(f"--labels must be at most the number of training images, not {self.labels}")
         if self.elbo == "meanfield" and not (self.guide == "normal" and self.prior == "normal"):
             problems.append("--elbo meanfield uses the analytic KL, which exists here only for --guide normal "

@@ -17,6 +17,7 @@ import torch
 from torchvision.utils import make_grid, save_image
 
 from .checkpoint import CheckpointError, load, run_directory
+from .config import MNIST_TEST
 from .data import DataError, load_mnist
 from .evaluate import grid_posteriors, posterior_params
 
@@ -431,7 +432,7 @@ def main(argv=None) -> int:
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    dim, size = run.config.latent_dim, run.config.test_size or 10000
+    dim, size = run.config.latent_dim, run.config.test_size or MNIST_TEST
     if args.axes and not all(0 <= a < dim for a in args.axes) or args.axes and args.axes[0] == args.axes[1]:
         parser.error(f"--axes must be two different dimensions in 0..{dim - 1}, not {args.axes}")
     for flag, indices in (("--pair", args.pair), ("--styles", args.styles or [])):
