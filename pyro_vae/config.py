@@ -151,9 +151,9 @@ class Config:
                             f"{' or '.join(fits)}, not --binarize {self.binarize}")
         if self.conditional and self.prior != "normal":
             problems.append("--conditional has its own prior p(z | y) = Normal(mu_y, I): leave --prior normal")
-        defaults = Config()
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
         for name in ("labels", "class_prior", "label_at"):
-            if getattr(self, name) != getattr(defaults, name) and not self.conditional:
+            if getattr(self, name) != defaults[name] and not self.conditional:
                 problems.append(f"{_flag(name)} needs --conditional (the label-conditioned model)")
         if self.classifier_arch and not self.labels:
             problems.append("--classifier-arch is the network of q(y | x), which only the semi-supervised model "

@@ -44,8 +44,8 @@ class Encoder(nn.Module):
         if cond_dim and cond_at_input:
             first = next(m for m in features if isinstance(m, (nn.Linear, nn.Conv2d)))
             self.first_layers = list(features).index(first) + 1  # features[:first_layers] is pre-activation
-            self.cond_input = nn.Linear(cond_dim, getattr(first, "out_features", None) or first.out_channels,
-                                        bias=False)
+            width = first.out_features if isinstance(first, nn.Linear) else first.out_channels
+            self.cond_input = nn.Linear(cond_dim, width, bias=False)
         head_in = feature_dim + (cond_dim if self.cond_input is None else 0)
         self.head = nn.Linear(head_in, 2 * latent_dim)
 
