@@ -9,20 +9,19 @@ import signal
 import sys
 import threading
 import time
-import warnings
 from contextlib import contextmanager, nullcontext
 from datetime import datetime
 from pathlib import Path
 
 import pyro
 import torch
-from pyro.infer import RenyiELBO, Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
 from tqdm.auto import tqdm
 
 from .checkpoint import (CHECKPOINT_NAME, CheckpointError, TrainedVAE, read_checkpoint, run_directory,
                          save_checkpoint)
 from .config import Config, parse_command_line
 from .data import DataError, load_mnist
+from .estimators import make_elbo
 from .evaluate import elbo_per_image
 from . import distributed, plot
 from .model import VAE, build_vae
@@ -103,18 +102,6 @@ class _StopRequest:
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-def make_elbo(config: Config):
-    """The estimator config names; semi-supervised, Trace_ELBO becomes TraceEnum_ELBO to sum over unknown labels."""
-    kwargs = dict(num_particles=config.num_particles, vectorize_particles=True, max_plate_nesting=1)
-    if config.labels:
-        # labelled batches observe y, so nothing is enumerated there; that is expected, not a mistake
-        warnings.filterwarnings("ignore", message="TraceEnum_ELBO found no sample sites configured for enumeration")
-        return TraceEnum_ELBO(**kwargs)
-    return {"trace": lambda: Trace_ELBO(**kwargs),
-            "meanfield": lambda: TraceMeanField_ELBO(**kwargs),
-            "iwae": lambda: RenyiELBO(alpha=0.0, **kwargs)}[config.elbo]()
 
 
 class SVIStep:

@@ -7,7 +7,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro import poutine
-from pyro.infer import SVI, Trace_ELBO
+from pyro.infer import Trace_ELBO
 
 from pyro_vae import Config, build_vae
 from pyro_vae.checkpoint import TrainedVAE
@@ -15,7 +15,7 @@ from pyro_vae.config import parse_args
 from pyro_vae.data import load_mnist
 from pyro_vae.evaluate import log_weights
 from pyro_vae.priors import LabelConditional
-from pyro_vae.train import kl_weight, make_elbo
+from pyro_vae.train import SVIStep, kl_weight, make_elbo
 
 VARIANTS = {
     "prior normal": {},
@@ -71,12 +71,14 @@ def test_variant_validates_and_30_steps_lower_its_loss(variant, datasets, data_d
     model_trace.compute_log_prob()
     assert model_trace.nodes["z"]["fn"].event_shape == (4,) and model_trace.nodes["x"]["fn"].event_shape == (1, 28, 28)
 
-    svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 3e-3}), loss=make_elbo(config))
+    # the trainer's own step, on a plate of N = 960 images in batches of 32 (each log-prob scaled by 30)
+    assert vae.num_data == 960 != config.batch_size
+    svi = SVIStep(vae, dataclasses.replace(config, lr=3e-3))
     losses, steps = [], 0
     while steps < 30:
         for xb, yb in data.epoch(config.batch_size):
             vae.kl_weight = kl_weight(config, (steps + 1) / 30)
-            losses.append(svi.step(xb, yb) / data.num_train)
+            losses.append(float(svi.step(xb, yb)) / data.num_train)
             steps += 1
             if steps == 30:
                 break
@@ -91,7 +93,7 @@ def test_cvae_learns_class_means_that_move_apart(datasets, data_dir):
     vae = build_vae(config, num_data=data.num_train)
     assert isinstance(vae.prior, LabelConditional)
     assert torch.pdist(vae.prior.class_means.detach()).max() == 0  # all classes start at Normal(0, I)
-    svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 1e-2}), loss=make_elbo(config))
+    svi = SVIStep(vae, dataclasses.replace(config, lr=1e-2))
     for _ in range(2):
         for xb, yb in data.epoch(config.batch_size):
             svi.step(xb, yb)
@@ -134,15 +136,17 @@ def test_kl_warmup_schedule():
     assert kl_weight(Config(beta=0.5), 0.1) == 0.5
 
 
-def test_iwae_loss_is_the_importance_weighted_bound(data_dir):
-    vae = build_vae(_config(data_dir, elbo="iwae", num_particles=5))
+@pytest.mark.parametrize("num_data", [3, 3000])
+def test_iwae_loss_is_n_over_b_times_the_importance_weighted_bound(num_data, data_dir):
+    config = _config(data_dir, elbo="iwae", num_particles=5)
+    vae = build_vae(config, num_data=num_data)
     x = torch.rand(3, 1, 28, 28).bernoulli()
     pyro.set_rng_seed(4)
-    loss = make_elbo(vae_config := _config(data_dir, elbo="iwae", num_particles=5)).loss(vae.model, vae.guide, x)
+    loss = make_elbo(config).loss(vae.model, vae.guide, x)
     pyro.set_rng_seed(4)
-    weights = log_weights(vae, x, num_samples=vae_config.num_particles)  # (K, B)
-    bound = (weights.logsumexp(0) - torch.log(torch.tensor(5.0))).sum()
-    assert loss == pytest.approx(-bound.item(), rel=1e-4)
+    weights = log_weights(vae, x, num_samples=config.num_particles)  # (K, B), unscaled
+    bound = (weights.logsumexp(0) - torch.log(torch.tensor(5.0))).sum()  # per-image bounds, summed
+    assert loss == pytest.approx(-(num_data / 3) * bound.item(), rel=1e-4)
 
 
 def test_semi_supervised_epoch_mixes_labelled_and_unlabelled_batches(datasets, data_dir):
@@ -194,7 +198,7 @@ def test_standard_class_prior_is_normal_0_i_for_every_digit(datasets, data_dir):
     data = _data(datasets, config)
     vae = build_vae(config, num_data=data.num_train)
     assert "class_means" not in dict(vae.prior.named_parameters())  # nothing for the optimizer to move
-    svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 1e-2}), loss=make_elbo(config))
+    svi = SVIStep(vae, dataclasses.replace(config, lr=1e-2))
     for xb, yb in data.epoch(config.batch_size):
         svi.step(xb, yb)
     z = torch.randn(10, 4)
