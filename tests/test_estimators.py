@@ -146,3 +146,20 @@ def test_iwae_refuses_a_guide_it_cannot_differentiate():
 
     with pytest.raises(NotImplementedError, match="reparameterized"):
         IWAE(num_particles=2).loss(model, guide)
+
+
+def test_iwae_under_torchrun_each_rank_scales_its_shard_and_the_mean_is_the_whole_batch(images):
+    """Each rank's plate subsamples B / W images, so its factor is N / (B / W); the ranks' mean loss (what
+    distributed.average_gradients reports) is then -(N / B) times the sum of all B per-image bounds."""
+    x, _ = images
+    vae = build_vae(_config(elbo="iwae", num_particles=3), num_data=NUM_DATA)
+    shards = x.chunk(2)  # what train._loop gives ranks 0 and 1
+    rank_losses, bounds = [], []
+    for seed, shard in enumerate(shards):
+        pyro.set_rng_seed(seed)
+        rank_losses.append(IWAE(num_particles=3).loss(vae.model, vae.guide, shard))
+        pyro.set_rng_seed(seed)  # the same draws, for the definition
+        with torch.no_grad():
+            bounds.append(_log_weights(vae, shard, None, particles=3).logsumexp(0) - math.log(3))
+    definition = -(NUM_DATA / len(x)) * torch.cat(bounds, -1).sum().item()
+    assert sum(rank_losses) / 2 == pytest.approx(definition, rel=1e-5)
