@@ -1,9 +1,9 @@
-"""Run an experiment: train, evaluate, and add a row to experiments/results.csv and the README table.
+"""Run an experiment: train, evaluate, and add a row to experiments/results.csv and the table in docs/results.md.
 
     uv run python experiments/run.py tf_tutorial            # the short (CPU) version
     uv run python experiments/run.py conv32 --full          # the full (GPU) version
     uv run python experiments/run.py --list
-    uv run python experiments/run.py --table                # rewrite the README table from results.csv
+    uv run python experiments/run.py --table                # rewrite docs/results.md's table from results.csv
 
 Each experiment is a TOML file in experiments/configs/: Config fields under [config], and the
 fields that differ between the short and the full version under [short] and [full].
@@ -32,7 +32,7 @@ from pyro_vae.train import train
 HERE = Path(__file__).resolve().parent
 CONFIGS = HERE / "configs"
 RESULTS = HERE / "results.csv"
-README = HERE.parent / "README.md"
+RESULTS_PAGE = HERE.parent / "docs" / "results.md"
 COLUMNS = ["experiment", "version", "variant", "epochs", "device", "train_minutes", "test_elbo", "log_px", "k",
            "images", "active_units", "extra", "date", "commit"]
 TABLE_START, TABLE_END = "<!-- results:start -->", "<!-- results:end -->"
@@ -107,7 +107,7 @@ def grey_test_accuracy(trained) -> float:
 
 def run(name: str, *, full: bool, k: int, limit: int, out_root: Path, device: str | None,
         epochs: int | None = None) -> dict:
-    """Train and evaluate one experiment; append its row to the results file and the README table."""
+    """Train and evaluate one experiment; append its row to the results file and docs/results.md."""
     config = experiment_config(name, full, out_root, device, epochs)
     commit = _commit()  # the code that trains, even if the checkout moves on before the row is written
     started = time.perf_counter()
@@ -153,13 +153,13 @@ def markdown_table() -> str:
 
 
 def write_table() -> None:
-    """Replace the README's results table with the rows of results.csv."""
-    text = README.read_text()
+    """Replace the table between the markers of docs/results.md with the rows of results.csv."""
+    text = RESULTS_PAGE.read_text()
     if TABLE_START not in text:
         return
     before, rest = text.split(TABLE_START, 1)
     after = rest.split(TABLE_END, 1)[1]
-    README.write_text(f"{before}{TABLE_START}\n{markdown_table()}\n{TABLE_END}{after}")
+    RESULTS_PAGE.write_text(f"{before}{TABLE_START}\n{markdown_table()}\n{TABLE_END}{after}")
 
 
 def main(argv=None) -> int:
@@ -172,7 +172,7 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, help="override the epochs of the version (the row records them)")
     parser.add_argument("--out-root", type=Path, default=Path("runs/experiments"))
     parser.add_argument("--list", action="store_true", help="list the experiments")
-    parser.add_argument("--table", action="store_true", help="rewrite the README table from results.csv")
+    parser.add_argument("--table", action="store_true", help="rewrite the table of docs/results.md from results.csv")
     args = parser.parse_args(argv)
     if args.list:
         for path in sorted(CONFIGS.glob("*.toml")):

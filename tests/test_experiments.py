@@ -32,16 +32,16 @@ def test_every_experiment_is_a_valid_config(path, full, runner, tmp_path):
     assert isinstance(config, Config) and config.errors() == []
 
 
-def test_a_tiny_experiment_adds_a_row_to_the_csv_and_the_readme(runner, tmp_path, data_dir, monkeypatch):
+def test_a_tiny_experiment_adds_a_row_to_the_csv_and_the_results_page(runner, tmp_path, data_dir, monkeypatch):
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "tiny.toml").write_text(
         'description = "tiny"\nreference = "none"\n[config]\nlatent_dim = 2\nconv_channels = [4, 8]\n'
         f'train_size = 256\ntest_size = 64\nbatch_size = 64\ndata_dir = "{data_dir}"\n[short]\nepochs = 1\n[full]\n')
-    readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{runner.TABLE_START}\nold\n{runner.TABLE_END}\nafter\n")
+    page = tmp_path / "results.md"
+    page.write_text(f"intro\n{runner.TABLE_START}\nold\n{runner.TABLE_END}\nafter\n")
     monkeypatch.setattr(runner, "CONFIGS", tmp_path / "configs")
     monkeypatch.setattr(runner, "RESULTS", tmp_path / "results.csv")
-    monkeypatch.setattr(runner, "README", readme)
+    monkeypatch.setattr(runner, "RESULTS_PAGE", page)
     assert runner.main(["tiny", "--k", "5", "--limit", "16", "--out-root", str(tmp_path / "runs"), "--device", "cpu",
                         "--epochs", "2"]) == 0
     rows = list(csv.DictReader(open(tmp_path / "results.csv")))
@@ -49,8 +49,14 @@ def test_a_tiny_experiment_adds_a_row_to_the_csv_and_the_readme(runner, tmp_path
     assert float(rows[0]["log_px"]) >= float(rows[0]["test_elbo"])  # the K-sample bound is the tighter one
     assert rows[0]["k"] == "5" and rows[0]["images"] == "16" and "--latent-dim 2" in rows[0]["variant"]
     assert rows[0]["epochs"] == "2"  # --epochs overrides the version's budget, and the row says so
-    text = readme.read_text()
+    text = page.read_text()
     assert "old" not in text and "| tiny | short |" in text and text.endswith("after\n")
+
+
+def test_the_results_page_holds_the_table_of_results_csv(runner):
+    # run.py writes its rows into docs/results.md between the markers; the page must have them and be up to date
+    text = runner.RESULTS_PAGE.read_text()
+    assert f"{runner.TABLE_START}\n{runner.markdown_table()}\n{runner.TABLE_END}" in text
 
 
 def test_digit_classifier_trains_even_when_called_under_no_grad(monkeypatch, data_dir):
