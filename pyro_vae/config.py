@@ -14,15 +14,31 @@ import torch
 
 
 MNIST_TRAIN, MNIST_TEST = 60000, 10000  # images in MNIST's official training and test splits
+IMAGE_SHAPE = (1, 28, 28)  # one MNIST image: channels, height, width
+NUM_CLASSES = 10  # the digits 0-9
 
 
-def _default_device() -> str:
+def default_device() -> str:
+    """cuda when torch sees a GPU, else cpu: the default --device of every command."""
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _opt(default, help: str, *, choices=None, minimum=None, maximum=None, nargs=None):
-    """A dataclass field that also describes its CLI flag and its allowed range."""
-    meta = {"help": help, "choices": choices, "min": minimum, "max": maximum, "nargs": nargs}
+def pieces(kind: str) -> dict:
+    """The registry of one kind of piece of the model or guide ("prior", "likelihood", "guide"): name -> class."""
+    from .guides import GUIDES
+    from .likelihoods import LIKELIHOODS
+    from .priors import PRIORS
+
+    return {"prior": PRIORS, "likelihood": LIKELIHOODS, "guide": GUIDES}[kind]
+
+
+def _opt(default, help: str, *, choices=None, minimum=None, maximum=None, nargs=None, registry=None):
+    """A dataclass field that also describes its CLI flag and its allowed range.
+
+    registry: the kind of piece (see `pieces`) whose registry's names are the choices, read when asked,
+    so a piece added to a registry is a choice of the flag without an edit here.
+    """
+    meta = {"help": help, "choices": choices, "min": minimum, "max": maximum, "nargs": nargs, "registry": registry}
     if callable(default):
         return field(default_factory=default, metadata=meta)
     return field(default=default, metadata=meta)
@@ -47,14 +63,16 @@ class Config:
     init: str = _opt("torch", "initial weights of the networks: torch's defaults, or glorot (Keras's defaults: "
                               "Glorot-uniform weights, zero biases)", choices=("torch", "glorot"))
     # the generative story and the posterior family
-    prior: str = _opt("normal", "p(z)", choices=("normal", "laplace", "studentt", "mog", "vamp", "flow"))
+    prior: str = _opt("normal", "p(z), a class in priors.PRIORS", registry="prior")
     prior_components: int = _opt(10, "mixture components of the mog prior, pseudo-inputs of the vamp prior",
                                  minimum=1)
-    likelihood: str = _opt("bernoulli", "p(x | z); bernoulli needs binarized data, the others --binarize none",
-                           choices=("bernoulli", "continuous-bernoulli", "normal"))
-    guide: str = _opt("normal", "q(z | x): diagonal normal, normal + inverse autoregressive flow, or a point",
-                      choices=("normal", "iaf", "delta"))
+    studentt_df: float = _opt(3.0, "degrees of freedom of the studentt prior (fewer: heavier tails)")
+    likelihood: str = _opt("bernoulli", "p(x | z), a class in likelihoods.LIKELIHOODS; each says which --binarize "
+                                        "data it fits", registry="likelihood")
+    guide: str = _opt("normal", "q(z | x), the posterior family: a class in guides.GUIDES", registry="guide")
     flow_steps: int = _opt(2, "steps of the iaf guide and of the flow prior", minimum=1)
+    flow_hidden_factor: int = _opt(4, "hidden units of each step's network in the iaf guide and the flow prior, "
+                                      "per latent dimension", minimum=1)
     conditional: bool = _opt(False, "label-conditioned CVAE: p(z | y) = Normal(mu_y, I), decoder and guide see y")
     class_prior: str = _opt("learned", "with --conditional: p(z | y) = Normal(mu_y, I) with a learned mean per digit, "
                                        "or standard: Normal(0, I) for every digit (Kingma et al.'s M2)",
@@ -80,7 +98,7 @@ class Config:
     data_dir: str = _opt("~/.cache/pyro_vae", "where MNIST is unpacked (torchvision layout: DATA_DIR/MNIST/raw)")
     download: bool = _opt(False, "let torchvision download MNIST into --data-dir instead of using the shipped files")
     # where and how
-    device: str = _opt(_default_device, "torch device (default: cuda when available, else cpu)")
+    device: str = _opt(default_device, "torch device (default: cuda when available, else cpu)")
     out: str = _opt("", "run directory (default: runs/<date>-<time>)")
     eval_batch_size: int = _opt(1000, "images per batch when evaluating", minimum=1)
 
@@ -108,9 +126,10 @@ class Config:
         for f in dataclasses.fields(self):
             meta, value, flag = f.metadata, getattr(self, f.name), _flag(f.name)
             values = value if isinstance(value, tuple) else (value,)
+            choices = _choices(f)
             for v in values:
-                if meta.get("choices") and v not in meta["choices"]:
-                    problems.append(f"{flag} must be one of {', '.join(meta['choices'])}, not {v!r}")
+                if choices and v not in choices:
+                    problems.append(f"{flag} must be one of {', '.join(choices)}, not {v!r}")
                 if meta.get("min") is not None and v < meta["min"]:
                     problems.append(f"{flag} must be at least {meta['min']}, not {v}")
                 if meta.get("max") is not None and v > meta["max"]:
@@ -119,6 +138,8 @@ class Config:
             problems.append("--lr must be positive, not 0")
         if self.beta == 0:
             problems.append("--beta must be positive, not 0")
+        if not self.studentt_df > 0:  # also refuses nan
+            problems.append(f"--studentt-df must be positive, not {self.studentt_df}")
         problems += self._combination_errors()
         for name in ("train_size", "test_size"):
             limit = {"train_size": MNIST_TRAIN, "test_size": MNIST_TEST}[name]
@@ -141,16 +162,24 @@ class Config:
 
 
     def _combination_errors(self) -> list[str]:
-        from .likelihoods import LIKELIHOODS
-
+        """What the chosen pieces (prior, likelihood, guide) say they need, and the flags that go together."""
         problems = []
-        fits = LIKELIHOODS[self.likelihood].fits if self.likelihood in LIKELIHOODS else ()
+        chosen = {kind: pieces(kind).get(getattr(self, kind)) for kind in ("prior", "likelihood", "guide")}
+        fits = chosen["likelihood"].fits if chosen["likelihood"] else ()
         if self.binarize in ("dynamic", "threshold", "none") and fits and self.binarize not in fits:
-            kind = "binary" if self.likelihood == "bernoulli" else "grey-valued"
+            kind = "grey-valued" if "none" in fits else "binary"
             problems.append(f"--likelihood {self.likelihood} models {kind} pixels: use it with --binarize "
                             f"{' or '.join(fits)}, not --binarize {self.binarize}")
-        if self.conditional and self.prior != "normal":
-            problems.append("--conditional has its own prior p(z | y) = Normal(mu_y, I): leave --prior normal")
+        if self.conditional and chosen["prior"]:  # the model then uses the prior's label-conditioned form
+            if chosen["prior"].label_conditional is None:
+                problems.append("--conditional has its own prior p(z | y), the label-conditioned form of --prior "
+                                f"{_names('prior', 'label_conditional')}: use that, not --prior {self.prior}")
+            chosen["prior"] = chosen["prior"].label_conditional
+        for kind in ("prior", "guide"):
+            piece = chosen[kind]
+            if piece and self.latent_dim < piece.min_latent_dim:
+                problems.append(f"--{kind} {getattr(self, kind)} needs --latent-dim {piece.min_latent_dim} or more, "
+                                f"not {self.latent_dim}")
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
         for name in ("labels", "class_prior", "label_at"):
             if getattr(self, name) != defaults[name] and not self.conditional:
@@ -162,21 +191,33 @@ class Config:
             problems.append(f"--labels must be at least 10 (one per digit), not {self.labels}")
         if self.labels > (self.train_size or MNIST_TRAIN):
             problems.append(f"--labels must be at most the number of training images, not {self.labels}")
-        if self.elbo == "meanfield" and not (self.guide == "normal" and self.prior == "normal"):
-            problems.append("--elbo meanfield uses the analytic KL, which exists here only for --guide normal "
-                            f"with --prior normal, not --guide {self.guide} --prior {self.prior}")
+        if self.elbo == "meanfield" and not all(piece and piece.analytic_kl
+                                                 for piece in (chosen["prior"], chosen["guide"])):
+            problems.append("--elbo meanfield uses the analytic KL, which exists here only for --guide "
+                            f"{_names('guide', 'analytic_kl')} with --prior {_names('prior', 'analytic_kl')}, "
+                            f"not --guide {self.guide} --prior {self.prior}")
         if self.elbo == "iwae" and self.num_particles < 2:
             problems.append("--elbo iwae needs --num-particles 2 or more (with 1 it is the ordinary ELBO)")
         if self.labels and self.elbo != "trace":
             problems.append(f"--labels (semi-supervised) sums over unknown labels with TraceEnum_ELBO: "
                             f"use --elbo trace, not --elbo {self.elbo}")
-        if "flow" in (self.prior, self.guide.replace("iaf", "flow")) and self.latent_dim < 2:
-            problems.append("--prior flow and --guide iaf need --latent-dim 2 or more")
         return problems
 
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def _choices(f: dataclasses.Field) -> tuple | None:
+    """The allowed values of a field: its registry's names, read now, or its fixed choices."""
+    if f.metadata.get("registry"):
+        return tuple(pieces(f.metadata["registry"]))
+    return f.metadata.get("choices")
+
+
+def _names(kind: str, having: str) -> str:
+    """The registry names of the pieces of one kind that declare `having`, e.g. "normal" or "normal or vamp"."""
+    return " or ".join(name for name, piece in pieces(kind).items() if getattr(piece, having))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -193,8 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         kind = {"int": int, "float": float, "str": str, "tuple": int}[f.type]
         parser.add_argument(_flag(f.name), type=kind, default=default, help=meta["help"],
-                            choices=meta.get("choices"), nargs=meta.get("nargs"),
-                            metavar=f.name.upper() if meta.get("choices") is None else None)
+                            choices=_choices(f), nargs=meta.get("nargs"),
+                            metavar=f.name.upper() if _choices(f) is None else None)
     return parser
 
 

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import torch
 
+from .config import IMAGE_SHAPE
+
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "data" / "mnist"
 FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-IMAGE_SHAPE = (1, 28, 28)
 TEST_BINARIZATION_SEED = 0  # the dynamic test set is drawn once with this seed, so test figures compare across runs
 
 

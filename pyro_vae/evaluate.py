@@ -19,8 +19,10 @@ from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 from tqdm import tqdm
 
-from .checkpoint import CheckpointError, TrainedVAE, load, run_directory
+from .checkpoint import CheckpointError, load, run_directory
+from .config import default_device
 from .data import DataError, load_mnist
+from .trained import TrainedVAE
 
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. (2016): a unit is active when Cov_x(E_q[z_d | x]) exceeds this
 
@@ -199,10 +201,6 @@ def kl_to_standard_normal(loc: torch.Tensor, scale: torch.Tensor) -> torch.Tenso
     return 0.5 * (loc ** 2 + scale ** 2 - 1) - scale.log()
 
 
-def _default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def _summary(values: torch.Tensor) -> dict:
     n = len(values)
     stderr = values.std().item() / math.sqrt(n) if n > 1 else float("nan")
@@ -218,7 +216,7 @@ def evaluate_run(run, *, k: int = 1000, limit: int = 0, batch_size: int = 100, c
     started = time.perf_counter()
     path = None
     if not isinstance(run, TrainedVAE):
-        path, run = str(run), load(run, device=device or _default_device())
+        path, run = str(run), load(run, device=device or default_device())
     config, device = run.config, run.device
     # the test split exactly as training reported it (train_size=1: the training images are not needed)
     data = load_mnist(data_dir or config.data_dir, binarize=config.binarize, device=device,
@@ -324,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--chunk", type=int, default=100,
                         help="draws of z per forward pass; memory grows with batch size x chunk")
     parser.add_argument("--seed", type=int, default=0, help="seed for the draws of z")
-    parser.add_argument("--device", default=_default_device(), help="torch device (cuda when available, else cpu)")
+    parser.add_argument("--device", default=default_device(), help="torch device (cuda when available, else cpu)")
     parser.add_argument("--data-dir", default=None, help="where MNIST is unpacked (default: the run's --data-dir)")
     parser.add_argument("--out", default=None, help="JSON file to write (default: RUN/evaluation.json)")
     return parser

@@ -1,7 +1,8 @@
 """Posterior families q(z | x): each is an nn.Module that turns the encoder's output into a distribution.
 
 The encoder gives a diagonal Gaussian's loc and scale (..., latent_dim); a guide piece may use them
-as they are, push them through a flow, or collapse them to a point.
+as they are, push them through a flow, or collapse them to a point. A new family is one class here
+and one line in GUIDES: `--guide NAME` then chooses it.
 """
 
 from __future__ import annotations
@@ -12,22 +13,42 @@ from pyro.distributions import transforms as T
 from torch import nn
 
 
-class DiagonalNormal(nn.Module):
+class Guide(nn.Module):
+    """What every posterior family declares, and how it is built from the Config; config.py asks these."""
+
+    min_latent_dim = 1  # the smallest --latent-dim it is defined for
+    analytic_kl = False  # KL(q || p) in closed form against an analytic_kl prior (--elbo meanfield)
+
+    @classmethod
+    def from_config(cls, config, encoder: nn.Module) -> Guide:
+        """This family as config describes it; encoder is the network whose (loc, scale) it is given."""
+        return cls()
+
+
+class DiagonalNormal(Guide):
     """q(z | x) = Normal(loc(x), diag scale(x)^2)."""
+
+    analytic_kl = True
 
     def forward(self, loc: torch.Tensor, scale: torch.Tensor) -> dist.Distribution:
         return dist.Normal(loc, scale).to_event(1)
 
 
-class InverseAutoregressiveFlow(nn.Module):
+class InverseAutoregressiveFlow(Guide):
     """The diagonal Gaussian followed by IAF steps (Kingma et al. 2016), each conditioned on the encoder output."""
 
-    def __init__(self, latent_dim: int, steps: int):
+    min_latent_dim = 2  # over a single dimension there is no order to be autoregressive in
+
+    def __init__(self, latent_dim: int, steps: int, hidden_dim: int):
         super().__init__()
         context_dim = 2 * latent_dim  # (loc, log scale) of the base Gaussian: a summary of x
         self.steps = nn.ModuleList(
-            T.conditional_affine_autoregressive(latent_dim, context_dim, hidden_dims=[4 * latent_dim])
+            T.conditional_affine_autoregressive(latent_dim, context_dim, hidden_dims=[hidden_dim])
             for _ in range(steps))
+
+    @classmethod
+    def from_config(cls, config, encoder: nn.Module) -> InverseAutoregressiveFlow:
+        return cls(config.latent_dim, config.flow_steps, config.flow_hidden_factor * config.latent_dim)
 
     def forward(self, loc: torch.Tensor, scale: torch.Tensor) -> dist.Distribution:
         context = torch.cat([loc, scale.log()], dim=-1)
@@ -35,16 +56,17 @@ class InverseAutoregressiveFlow(nn.Module):
         return dist.TransformedDistribution(base, [step.condition(context) for step in self.steps])
 
 
-class PointEstimate(nn.Module):
+class PointEstimate(Guide):
     """q(z | x) = Delta(loc(x)): MAP on z under the prior, which makes the VAE a plain autoencoder."""
 
     def forward(self, loc: torch.Tensor, scale: torch.Tensor) -> dist.Distribution:
         return dist.Delta(loc).to_event(1)
 
 
-def make_posterior(config) -> nn.Module:
-    return {
-        "normal": DiagonalNormal,
-        "iaf": lambda: InverseAutoregressiveFlow(config.latent_dim, config.flow_steps),
-        "delta": PointEstimate,
-    }[config.guide]()
+# --guide NAME chooses GUIDES[NAME]
+GUIDES = {"normal": DiagonalNormal, "iaf": InverseAutoregressiveFlow, "delta": PointEstimate}
+
+
+def make_posterior(config, encoder: nn.Module) -> Guide:
+    """The posterior family that config names, applied to encoder's output."""
+    return GUIDES[config.guide].from_config(config, encoder)

@@ -1,7 +1,8 @@
 """Likelihoods p(x | z): each is an nn.Module that turns decoder output into a distribution over images.
 
 Each returns one event per image (event shape (1, 28, 28)) and says which data it fits, so a
-mismatch such as Bernoulli on grey values is refused before training.
+mismatch such as Bernoulli on grey values is refused before training. A new likelihood is one
+class here and one line in LIKELIHOODS: `--likelihood NAME` then chooses it.
 """
 
 from __future__ import annotations
@@ -11,8 +12,21 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+MIN_PIXEL_SCALE = 1e-3  # floor of the normal likelihood's scale: constant background pixels would drive it to 0
 
-class Bernoulli(nn.Module):
+
+class Likelihood(nn.Module):
+    """What every likelihood declares, and how it is built from the Config; config.py asks these."""
+
+    fits = ()  # the --binarize settings whose data it models (empty: any)
+
+    @classmethod
+    def from_config(cls, config) -> Likelihood:
+        """This likelihood as config describes it."""
+        return cls()
+
+
+class Bernoulli(Likelihood):
     """Independent Bernoulli pixels; the decoder output is their logits."""
 
     fits = ("dynamic", "threshold")  # binary data only
@@ -21,7 +35,7 @@ class Bernoulli(nn.Module):
         return dist.Bernoulli(logits=logits).to_event(3)
 
 
-class ContinuousBernoulli(nn.Module):
+class ContinuousBernoulli(Likelihood):
     """The continuous Bernoulli (Loaiza-Ganem & Cunningham 2019): a proper density on grey values in [0, 1]."""
 
     fits = ("none",)
@@ -30,7 +44,7 @@ class ContinuousBernoulli(nn.Module):
         return dist.ContinuousBernoulli(logits=logits).to_event(3)
 
 
-class Normal(nn.Module):
+class Normal(Likelihood):
     """Normal pixels around the decoder output with one learned scale: the "MSE loss" as a likelihood."""
 
     fits = ("none",)
@@ -40,12 +54,14 @@ class Normal(nn.Module):
         self.raw_scale = nn.Parameter(torch.tensor(0.0))
 
     def forward(self, loc: torch.Tensor) -> dist.Distribution:
-        scale = F.softplus(self.raw_scale) + 1e-3  # floor: constant background pixels would drive it to 0
+        scale = F.softplus(self.raw_scale) + MIN_PIXEL_SCALE
         return dist.Normal(loc, scale).to_event(3)
 
 
+# --likelihood NAME chooses LIKELIHOODS[NAME]
 LIKELIHOODS = {"bernoulli": Bernoulli, "continuous-bernoulli": ContinuousBernoulli, "normal": Normal}
 
 
-def make_likelihood(config) -> nn.Module:
-    return LIKELIHOODS[config.likelihood]()
+def make_likelihood(config) -> Likelihood:
+    """The likelihood that config names."""
+    return LIKELIHOODS[config.likelihood].from_config(config)

@@ -15,12 +15,11 @@ from pyro import poutine
 from torch import nn
 from torch.nn import functional as F
 
+from .config import NUM_CLASSES
 from .guides import make_posterior
 from .likelihoods import make_likelihood
 from .nets import make_classifier, make_nets
 from .priors import make_prior
-
-NUM_CLASSES = 10
 
 
 class VAE(nn.Module):
@@ -88,6 +87,6 @@ def build_vae(config, num_data: int | None = None) -> VAE:
     encoder, decoder = make_nets(config, cond_dim)
     semi_supervised = config.conditional and config.labels > 0
     classifier = make_classifier(config, NUM_CLASSES) if semi_supervised else None
-    return VAE(encoder, decoder, make_prior(config, encoder), make_likelihood(config), make_posterior(config),
-               classifier, conditional=config.conditional, num_data=num_data,
+    return VAE(encoder, decoder, make_prior(config, encoder), make_likelihood(config),
+               make_posterior(config, encoder), classifier, conditional=config.conditional, num_data=num_data,
                classifier_weight=config.classifier_weight)

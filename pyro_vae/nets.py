@@ -7,13 +7,16 @@ particles (`(S, B, ...)`) as well as over images (`(B, ...)`).
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-IMAGE_SHAPE = (1, 28, 28)
-PIXELS = 28 * 28
+from .config import IMAGE_SHAPE, NUM_CLASSES
+
+PIXELS = math.prod(IMAGE_SHAPE)
+MIN_SCALE = 1e-4  # floor of the encoder's scale: keeps log q(z | x) finite
 
 
 def _cat(h: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
@@ -68,7 +71,7 @@ class Encoder(nn.Module):
         if self.cond_input is None:
             h = _cat(h, c)
         loc, raw_scale = self.head(h).chunk(2, dim=-1)
-        return loc, F.softplus(raw_scale) + 1e-4  # floor keeps log q(z|x) finite
+        return loc, F.softplus(raw_scale) + MIN_SCALE
 
 
 class Decoder(nn.Module):
@@ -115,7 +118,7 @@ def mlp_nets(latent_dim: int, hidden_dim: int = 400, cond_dim: int = 0, cond_at_
 class Classifier(nn.Module):
     """x (..., 1, 28, 28) -> logits (..., num_classes) of q(y | x), for the semi-supervised model."""
 
-    def __init__(self, features: nn.Module, feature_dim: int, num_classes: int = 10):
+    def __init__(self, features: nn.Module, feature_dim: int, num_classes: int = NUM_CLASSES):
         super().__init__()
         self.features = features
         self.head = nn.Linear(feature_dim, num_classes)
@@ -125,7 +128,7 @@ class Classifier(nn.Module):
         return self.head(h)
 
 
-def make_classifier(config, num_classes: int = 10) -> Classifier:
+def make_classifier(config, num_classes: int = NUM_CLASSES) -> Classifier:
     """A network that predicts the digit: the encoder's feature layers (of --classifier-arch, else --arch) and a head."""
     arch = config.classifier_arch or config.arch
     encoder, _ = make_nets(dataclasses.replace(config, arch=arch))

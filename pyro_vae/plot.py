@@ -17,9 +17,10 @@ import torch
 from torchvision.utils import make_grid, save_image
 
 from .checkpoint import CheckpointError, load, run_directory
-from .config import MNIST_TEST
+from .config import MNIST_TEST, NUM_CLASSES
 from .data import DataError, load_mnist
 from .evaluate import grid_posteriors, posterior_params
+from .trained import lerp, slerp
 
 
 def image_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> None:
@@ -123,7 +124,7 @@ def samples_gif(run_dir: Path, path: Path | None = None, ms_per_frame: int = 500
 def _digit_colours(ax, points, labels, fig, **kwargs):
     """Scatter points (N, 2) coloured by digit label, with a colour bar of the ten digits."""
     scatter = ax.scatter(points[:, 0], points[:, 1], c=labels, cmap="tab10", vmin=-0.5, vmax=9.5, **kwargs)
-    bar = fig.colorbar(scatter, ax=ax, ticks=range(10))
+    bar = fig.colorbar(scatter, ax=ax, ticks=range(NUM_CLASSES))
     bar.set_label("digit")
     return scatter
 
@@ -182,27 +183,6 @@ def latent_manifold(run, axes: tuple[int, int] = (0, 1), n: int = 15, span: floa
     return fig
 
 
-def lerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Points (T, D) on the straight line from a to b at fractions t (T,)."""
-    t = t[:, None]
-    return (1 - t) * a + t * b
-
-
-def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Points (T, D) on the great-circle arc from a to b at fractions t (T,), norms interpolated linearly.
-
-    Under a standard-normal prior most mass lies near a sphere; the straight line cuts inside it.
-    """
-    norm_a, norm_b = a.norm(), b.norm()
-    cos = torch.dot(a / norm_a, b / norm_b).clamp(-1, 1)
-    omega = torch.arccos(cos)
-    if omega.abs() < 1e-4:  # (nearly) parallel: the arc is the line
-        return lerp(a, b, t)
-    t = t[:, None]
-    direction = (torch.sin((1 - t) * omega) * a / norm_a + torch.sin(t * omega) * b / norm_b) / torch.sin(omega)
-    return direction * ((1 - t) * norm_a + t * norm_b)
-
-
 @torch.no_grad()
 def interpolation(run, x_a: torch.Tensor, x_b: torch.Tensor, steps: int = 10, y_a=None, y_b=None):
     """Decoded images between the posterior means of two digits, along the line and along the arc."""
@@ -222,61 +202,33 @@ def interpolation(run, x_a: torch.Tensor, x_b: torch.Tensor, steps: int = 10, y_
     return fig
 
 
-DIGITS = [str(d) for d in range(10)]
-
-
-def class_means(run) -> torch.Tensor:
-    """The means mu_y of a label-conditioned run's prior p(z | y) = Normal(mu_y, I): (10, latent_dim)."""
-    if not run.config.conditional:
-        raise ValueError("this picture needs a label-conditioned run (--conditional)")
-    return run.vae.prior.class_means.detach()
-
-
-@torch.no_grad()
-def style_offsets(run, images: torch.Tensor, labels) -> torch.Tensor:
-    """The style of each digit: its posterior mean under q(z | x, y), given its label y, minus mu_y; (B, latent_dim)."""
-    labels = torch.as_tensor(labels, device=run.device)
-    loc, _ = run.encode(images, labels)
-    return loc - class_means(run)[labels]
-
-
-@torch.no_grad()
-def restyle(run, styles: torch.Tensor) -> torch.Tensor:
-    """Each style (N, latent_dim) written as every digit: images (N, 10, 1, 28, 28), decoded at z = mu_y + style.
-
-    "The same z" for another digit means the same offset from the class mean, not the same raw z:
-    under the prior z = mu_y + style with style ~ Normal(0, I) for every y, so a style keeps its
-    place in each class's cloud, while a raw z taken to another class would sit off-centre in it.
-    """
-    z = class_means(run) + styles.to(run.device)[:, None]  # (N, 10, latent_dim)
-    digits = torch.arange(10, device=run.device).expand(len(styles), 10)
-    return run.decode(z.flatten(0, 1), digits.flatten()).unflatten(0, (len(styles), 10))
+DIGITS = [str(d) for d in range(NUM_CLASSES)]
 
 
 def digit_rows(run, per_row: int = 10):
     """Samples of a label-conditioned run, row d drawn given digit d: the per-epoch sample grid, labelled."""
-    class_means(run)  # refuses an unconditional run, whose sample grid has no rows of digits
-    images = run.sample_grid(per_row).unflatten(0, (10, per_row))
+    run.class_means()  # refuses an unconditional run, whose sample grid has no rows of digits
+    images = run.sample_grid(per_row).unflatten(0, (NUM_CLASSES, per_row))
     return image_table(images, rows=DIGITS, title="samples given the digit: z ~ p(z | y), x ~ p(x | z, y)")
 
 
 def styles_from_prior(run, n: int = 8):
-    """Rows: n styles drawn from the prior, Normal(0, I); columns: each written as digit 0-9 (see `restyle`)."""
+    """Rows: n styles drawn from the prior, Normal(0, I); columns: each written as digit 0-9 (`TrainedVAE.restyle`)."""
     styles = torch.randn(n, run.config.latent_dim, device=run.device)
-    return image_table(restyle(run, styles), columns=DIGITS,
+    return image_table(run.restyle(styles), columns=DIGITS,
                        title="one style per row, every digit: z = mu_y + style, style ~ Normal(0, I)")
 
 
 def styles_from_digits(run, images: torch.Tensor, labels):
     """Rows: test digits, first the original, then its style (from q(z | x, y)) written as digit 0-9."""
-    grid = torch.cat([images.to(run.device)[:, None], restyle(run, style_offsets(run, images, labels))], dim=1)
+    grid = torch.cat([images.to(run.device)[:, None], run.restyle(run.style_offsets(images, labels))], dim=1)
     return image_table(grid, columns=["x"] + DIGITS,
                        title="style of each test digit as every digit: z = mu_y + (E_q[z | x, y_x] - mu_y_x)")
 
 
 def first_of_each_digit(labels: torch.Tensor) -> list[int]:
     """The index of the first image of each digit 0-9 present in labels."""
-    return [int((labels == d).nonzero()[0]) for d in range(10) if (labels == d).any()]
+    return [int((labels == d).nonzero()[0]) for d in range(NUM_CLASSES) if (labels == d).any()]
 
 
 @torch.no_grad()

@@ -2,6 +2,7 @@
 
 Every prior has event shape (latent_dim,) and no batch shape of its own beyond what y brings,
 so the model's `data` plate broadcasts it over images. Learned priors hold their parameters here.
+A new prior is one class here and one line in PRIORS: `--prior NAME` then chooses it.
 """
 
 from __future__ import annotations
@@ -11,56 +12,113 @@ import torch
 from pyro.distributions import transforms as T
 from torch import nn
 
+from .config import IMAGE_SHAPE, NUM_CLASSES
 
-class StandardNormal(nn.Module):
-    """p(z) = Normal(0, I)."""
+
+class Prior(nn.Module):
+    """What every prior declares, and how it is built from the Config; config.py asks these, never a name."""
+
+    min_latent_dim = 1  # the smallest --latent-dim it is defined for
+    analytic_kl = False  # KL(q || p) in closed form against an analytic_kl guide (--elbo meanfield)
+    label_conditional = None  # the prior p(z | y) that --conditional puts in its place; None: no such form
 
     def __init__(self, latent_dim: int):
         super().__init__()
         self.latent_dim = latent_dim
         self.register_buffer("zero", torch.zeros(()), persistent=False)  # carries the device and dtype
 
+    @classmethod
+    def from_config(cls, config, encoder: nn.Module) -> Prior:
+        """This prior as config describes it; encoder is the guide's, for priors built on it (VampPrior)."""
+        return cls(config.latent_dim)
+
+
+class LabelConditional(Prior):
+    """p(z | y) = Normal(mu_y, I), one learned mean per digit class (the CVAE's prior).
+
+    With `learned=False` every mean stays at zero: p(z | y) = Normal(0, I), z independent of y, as
+    in Kingma et al.'s M2, so the digit is carried by y alone and z holds only the style.
+    """
+
+    analytic_kl = True
+
+    def __init__(self, latent_dim: int, num_classes: int = NUM_CLASSES, learned: bool = True):
+        super().__init__(latent_dim)
+        means = torch.zeros(num_classes, latent_dim)  # starts as Normal(0, I) for all
+        if learned:
+            self.class_means = nn.Parameter(means)
+        else:
+            self.register_buffer("class_means", means)
+
+    @classmethod
+    def from_config(cls, config, encoder: nn.Module) -> LabelConditional:
+        return cls(config.latent_dim, learned=config.class_prior == "learned")
+
+    def forward(self, y: torch.Tensor) -> dist.Distribution:
+        return dist.Normal(self.class_means[y], 1.0).to_event(1)  # y (...) -> batch (...), event (D,)
+
+
+class StandardNormal(Prior):
+    """p(z) = Normal(0, I)."""
+
+    analytic_kl = True
+    label_conditional = LabelConditional
+
     def forward(self, y=None) -> dist.Distribution:
         return dist.Normal(self.zero, 1.0).expand([self.latent_dim]).to_event(1)
 
 
-class Laplace(StandardNormal):
+class Laplace(Prior):
     """p(z) = Laplace(0, 1) per dimension: heavier tails than the normal."""
 
     def forward(self, y=None) -> dist.Distribution:
         return dist.Laplace(self.zero, 1.0).expand([self.latent_dim]).to_event(1)
 
 
-class StudentT(StandardNormal):
-    """p(z) = StudentT(df=3, 0, 1) per dimension: much heavier tails."""
+class StudentT(Prior):
+    """p(z) = StudentT(df, 0, 1) per dimension (df = --studentt-df, 3 by default): much heavier tails."""
 
-    df = 3.0
+    def __init__(self, latent_dim: int, df: float):
+        super().__init__(latent_dim)
+        self.df = df
+
+    @classmethod
+    def from_config(cls, config, encoder: nn.Module) -> StudentT:
+        return cls(config.latent_dim, config.studentt_df)
 
     def forward(self, y=None) -> dist.Distribution:
         return dist.StudentT(self.df, self.zero, 1.0).expand([self.latent_dim]).to_event(1)
 
 
-class MixtureOfGaussians(nn.Module):
+class MixtureOfGaussians(Prior):
     """p(z) = sum_k w_k Normal(mu_k, diag sigma_k^2), with weights, means and scales learned."""
 
     def __init__(self, latent_dim: int, components: int):
-        super().__init__()
+        super().__init__(latent_dim)
         self.logits = nn.Parameter(torch.zeros(components))
         self.locs = nn.Parameter(torch.randn(components, latent_dim))
         self.log_scales = nn.Parameter(torch.zeros(components, latent_dim))
+
+    @classmethod
+    def from_config(cls, config, encoder: nn.Module) -> MixtureOfGaussians:
+        return cls(config.latent_dim, config.prior_components)
 
     def forward(self, y=None) -> dist.Distribution:
         components = dist.Normal(self.locs, self.log_scales.exp()).to_event(1)  # batch (K,), event (D,)
         return dist.MixtureSameFamily(dist.Categorical(logits=self.logits), components)
 
 
-class VampPrior(nn.Module):
+class VampPrior(Prior):
     """The VampPrior (Tomczak & Welling 2018): p(z) = 1/K sum_k q(z | u_k) at K learned pseudo-inputs u_k."""
 
-    def __init__(self, encoder: nn.Module, components: int):
-        super().__init__()
-        self.pseudo_inputs = nn.Parameter(0.5 * torch.randn(components, 1, 28, 28))  # pre-sigmoid pixels
+    def __init__(self, latent_dim: int, encoder: nn.Module, components: int):
+        super().__init__(latent_dim)
+        self.pseudo_inputs = nn.Parameter(0.5 * torch.randn(components, *IMAGE_SHAPE))  # pre-sigmoid pixels
         self.__dict__["encoder"] = encoder  # shared with the guide, not a submodule: registered once, there
+
+    @classmethod
+    def from_config(cls, config, encoder: nn.Module) -> VampPrior:
+        return cls(config.latent_dim, encoder, config.prior_components)
 
     def forward(self, y=None) -> dist.Distribution:
         loc, scale = self.encoder(torch.sigmoid(self.pseudo_inputs))  # (K, D) each
@@ -68,16 +126,20 @@ class VampPrior(nn.Module):
         return dist.MixtureSameFamily(weights, dist.Normal(loc, scale).to_event(1))
 
 
-class Flow(nn.Module):
+class Flow(Prior):
     """p(z): a standard normal pushed through learned affine coupling layers (RealNVP)."""
 
-    def __init__(self, latent_dim: int, steps: int):
-        super().__init__()
-        self.latent_dim = latent_dim
-        self.couplings = nn.ModuleList(T.affine_coupling(latent_dim, hidden_dims=[4 * latent_dim])
+    min_latent_dim = 2  # a coupling layer splits z in two parts
+
+    def __init__(self, latent_dim: int, steps: int, hidden_dim: int):
+        super().__init__(latent_dim)
+        self.couplings = nn.ModuleList(T.affine_coupling(latent_dim, hidden_dims=[hidden_dim])
                                        for _ in range(steps))
         self.register_buffer("reverse", torch.arange(latent_dim - 1, -1, -1), persistent=False)
-        self.register_buffer("zero", torch.zeros(()), persistent=False)
+
+    @classmethod
+    def from_config(cls, config, encoder: nn.Module) -> Flow:
+        return cls(config.latent_dim, config.flow_steps, config.flow_hidden_factor * config.latent_dim)
 
     def forward(self, y=None) -> dist.Distribution:
         base = dist.Normal(self.zero, 1.0).expand([self.latent_dim]).to_event(1)
@@ -85,34 +147,14 @@ class Flow(nn.Module):
         return dist.TransformedDistribution(base, steps)
 
 
-class LabelConditional(nn.Module):
-    """p(z | y) = Normal(mu_y, I), one learned mean per digit class (the CVAE's prior).
-
-    With `learned=False` every mean stays at zero: p(z | y) = Normal(0, I), z independent of y, as
-    in Kingma et al.'s M2, so the digit is carried by y alone and z holds only the style.
-    """
-
-    def __init__(self, latent_dim: int, num_classes: int = 10, learned: bool = True):
-        super().__init__()
-        means = torch.zeros(num_classes, latent_dim)  # starts as Normal(0, I) for all
-        if learned:
-            self.class_means = nn.Parameter(means)
-        else:
-            self.register_buffer("class_means", means)
-
-    def forward(self, y: torch.Tensor) -> dist.Distribution:
-        return dist.Normal(self.class_means[y], 1.0).to_event(1)  # y (...) -> batch (...), event (D,)
+# --prior NAME chooses PRIORS[NAME]; with --conditional, its label_conditional form
+PRIORS = {"normal": StandardNormal, "laplace": Laplace, "studentt": StudentT, "mog": MixtureOfGaussians,
+          "vamp": VampPrior, "flow": Flow}
 
 
-def make_prior(config, encoder: nn.Module) -> nn.Module:
-    """The prior that config names; the VampPrior shares the guide's encoder."""
+def make_prior(config, encoder: nn.Module) -> Prior:
+    """The prior that config names (its label-conditioned form with --conditional); the VampPrior shares the encoder."""
+    prior = PRIORS[config.prior]
     if config.conditional:
-        return LabelConditional(config.latent_dim, learned=config.class_prior == "learned")
-    return {
-        "normal": lambda: StandardNormal(config.latent_dim),
-        "laplace": lambda: Laplace(config.latent_dim),
-        "studentt": lambda: StudentT(config.latent_dim),
-        "mog": lambda: MixtureOfGaussians(config.latent_dim, config.prior_components),
-        "vamp": lambda: VampPrior(encoder, config.prior_components),
-        "flow": lambda: Flow(config.latent_dim, config.flow_steps),
-    }[config.prior]()
+        prior = prior.label_conditional
+    return prior.from_config(config, encoder)

@@ -17,14 +17,14 @@ import pyro
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import (CHECKPOINT_NAME, CheckpointError, TrainedVAE, read_checkpoint, run_directory,
-                         save_checkpoint)
+from .checkpoint import CHECKPOINT_NAME, CheckpointError, read_checkpoint, run_directory, save_checkpoint
 from .config import Config, parse_command_line
 from .data import DataError, load_mnist
 from .estimators import make_elbo
 from .evaluate import elbo_per_image
 from . import distributed, plot
 from .model import VAE, build_vae
+from .trained import TrainedVAE
 
 NUM_RECONSTRUCTIONS_SHOWN = 32  # fixed test digits, shown above their reconstructions
 BEST_NAME = "best.pt"

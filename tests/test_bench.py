@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pyro_vae import evaluate
-from pyro_vae.bench import ProjectTrainer, Yardstick, main, yardstick_loss
+from benchmarks.bench import ProjectTrainer, Yardstick, main, yardstick_loss
 from pyro_vae.config import Config
 from pyro_vae.model import build_vae
 from pyro_vae.train import SVIStep, make_elbo

@@ -11,6 +11,7 @@ from pyro_vae import Config
 from pyro_vae import plot
 from pyro_vae.data import load_mnist
 from pyro_vae.train import train
+from pyro_vae.trained import lerp, slerp
 
 
 @pytest.fixture(scope="module")
@@ -45,15 +46,15 @@ def _cell(array, row, col):
 
 def test_slerp_follows_the_arc_and_lerp_the_chord():
     a, b, t = torch.tensor([2.0, 0.0, 0.0]), torch.tensor([0.0, 2.0, 0.0]), torch.linspace(0, 1, 5)
-    arc, chord = plot.slerp(a, b, t), plot.lerp(a, b, t)
+    arc, chord = slerp(a, b, t), lerp(a, b, t)
     for path in (arc, chord):
         assert torch.allclose(path[0], a) and torch.allclose(path[-1], b)
     assert torch.allclose(arc.norm(dim=1), torch.full((5,), 2.0))  # equal norms: stays on the sphere
     assert chord[2].norm() < 1.5  # the chord cuts inside it
     assert torch.allclose(arc[2], torch.tensor([2 ** 0.5, 2 ** 0.5, 0.0]))  # half the angle
-    assert torch.allclose(plot.slerp(a, 3 * a, t), plot.lerp(a, 3 * a, t))  # parallel: the line
+    assert torch.allclose(slerp(a, 3 * a, t), lerp(a, 3 * a, t))  # parallel: the line
     c = torch.tensor([1.0, 1.0, 0.0])
-    assert torch.allclose(plot.slerp(a, c, t).norm(dim=1), torch.linspace(2, 2 ** 0.5, 5))  # norms interpolated
+    assert torch.allclose(slerp(a, c, t).norm(dim=1), torch.linspace(2, 2 ** 0.5, 5))  # norms interpolated
 
 
 def test_latent_scatter_shows_posterior_means_in_2d_and_principal_axes_above(run_2d, test_set):

@@ -10,7 +10,7 @@ from pyro import poutine
 from pyro.infer import Trace_ELBO
 
 from pyro_vae import Config, build_vae
-from pyro_vae.checkpoint import TrainedVAE
+from pyro_vae.trained import TrainedVAE
 from pyro_vae.config import parse_args
 from pyro_vae.data import load_mnist
 from pyro_vae.evaluate import log_weights
@@ -170,7 +170,8 @@ def test_semi_supervised_epoch_mixes_labelled_and_unlabelled_batches(datasets, d
     (["--label-at", "input"], "--label-at needs --conditional"),
     (["--conditional", "--classifier-arch", "conv"], "--classifier-arch is the network of q(y | x)"),
     (["--conditional", "--labels", "100", "--elbo", "iwae", "--num-particles", "3"], "TraceEnum_ELBO"),
-    (["--prior", "flow", "--latent-dim", "1"], "need --latent-dim 2 or more"),
+    (["--prior", "flow", "--latent-dim", "1"], "--prior flow needs --latent-dim 2 or more"),
+    (["--guide", "iaf", "--latent-dim", "1"], "--guide iaf needs --latent-dim 2 or more"),
 ])
 def test_nonsense_combinations_are_refused_with_a_reason(flags, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -1,15 +1,17 @@
 """How fast the project trains and evaluates, against a hand-written PyTorch yardstick (issue 6).
 
-`python -m pyro_vae.bench` times the trainer's own training step (the VAE from `build_vae`,
-stepped by `pyro_vae.train.SVIStep` as the training loop steps it) and that of a yardstick: the
-same networks with the same single-sample ELBO written in plain PyTorch and one
-`torch.optim.Adam`. The sides run in interleaved blocks (A B A B ...) after a warm-up, so
-a burst of load from another process hits both alike; the figure of merit is the median over the
-pairs of (project block time / yardstick block time). Evaluation (`elbo_per_image`, and the
-K-sample log-likelihood that `pyro_vae.evaluate` offers) and peak memory are reported too.
+`uv run python benchmarks/bench.py` (or `uv run python -m benchmarks.bench`) times the trainer's
+own training step (the VAE from `build_vae`, stepped by `pyro_vae.train.SVIStep` as the training
+loop steps it) and that of a yardstick: the same networks with the same single-sample ELBO written
+in plain PyTorch and one `torch.optim.Adam`. The sides run in interleaved blocks (A B A B ...)
+after a warm-up, so a burst of load from another process hits both alike; the figure of merit is
+the median over the pairs of (project block time / yardstick block time). Evaluation
+(`elbo_per_image`, and the K-sample log-likelihood that `pyro_vae.evaluate` offers) and peak
+memory are reported too.
 
 The yardstick's loss below is the only hand-written ELBO in the project, on purpose: it is the
-measuring stick, not a model. tests/test_bench.py checks that it computes the same objective.
+measuring stick, not a model, so it lives here, outside the package. tests/test_bench.py checks
+that it computes the same objective.
 """
 
 from __future__ import annotations
@@ -32,12 +34,12 @@ import torch
 from pyro.infer import SVI
 from torch.nn import functional as F
 
-from . import evaluate
-from .config import MNIST_TEST, MNIST_TRAIN, Config
-from .data import MNIST, load_mnist
-from .model import build_vae
-from .nets import make_nets
-from .train import SVIStep, make_elbo
+from pyro_vae import evaluate
+from pyro_vae.config import IMAGE_SHAPE, MNIST_TEST, MNIST_TRAIN, NUM_CLASSES, Config
+from pyro_vae.data import MNIST, load_mnist
+from pyro_vae.model import build_vae
+from pyro_vae.nets import make_nets
+from pyro_vae.train import SVIStep, make_elbo
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -134,9 +136,9 @@ class StockSVI(ProjectTrainer):
 def synthetic_mnist(num_train: int, num_test: int, device: torch.device, seed: int = 0) -> MNIST:
     """Random grey images in MNIST's shapes, binarized dynamically like the real set: for quick checks."""
     generator = torch.Generator().manual_seed(seed)
-    train = torch.rand(num_train, 1, 28, 28, generator=generator)
-    test = torch.bernoulli(torch.rand(num_test, 1, 28, 28, generator=generator), generator=generator)
-    train_y, test_y = (torch.randint(0, 10, (n,), generator=generator) for n in (num_train, num_test))
+    train = torch.rand(num_train, *IMAGE_SHAPE, generator=generator)
+    test = torch.bernoulli(torch.rand(num_test, *IMAGE_SHAPE, generator=generator), generator=generator)
+    train_y, test_y = (torch.randint(0, NUM_CLASSES, (n,), generator=generator) for n in (num_train, num_test))
     return MNIST(train.to(device), train_y.to(device), test.to(device), test_y.to(device), "dynamic")
 
 
@@ -335,7 +337,7 @@ def run(args: argparse.Namespace) -> dict:
     pyro.set_rng_seed(args.seed)
     data = load_data(args)
     results = {
-        "date": date.today().isoformat(), "command": "python -m pyro_vae.bench " + " ".join(args.argv),
+        "date": date.today().isoformat(), "command": "python benchmarks/bench.py " + " ".join(args.argv),
         "device": args.device, "device_name": _device_name(args.device), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "pyro": pyro.__version__, "python": platform.python_version(),
         "data": "synthetic" if args.synthetic else "mnist", "num_train": data.num_train,
@@ -346,7 +348,7 @@ def run(args: argparse.Namespace) -> dict:
     for batch_size in args.batch_size:
         result = bench_training(bench_config(args, batch_size), data, args)
         results["training"].append(result)
-        print(f"pyro_vae.bench: batch {batch_size}: project/yardstick {result['ratio']:.3f}", file=sys.stderr,
+        print(f"bench: batch {batch_size}: project/yardstick {result['ratio']:.3f}", file=sys.stderr,
               flush=True)  # progress: a full run takes minutes
     if not args.no_eval:
         results["evaluation"] = bench_evaluation(bench_config(args, args.batch_size[0]), data, args)
@@ -387,7 +389,7 @@ def format_report(results: dict) -> str:
     r = results
     nets = f"conv {tuple(r['conv_channels'])}" if r["arch"] == "conv" else f"mlp {r['hidden_dim']}"
     lines = [
-        f"pyro_vae.bench  {r['date']}  {r['device']} ({r['device_name']}, {r['threads']} threads)  "
+        f"benchmarks/bench.py  {r['date']}  {r['device']} ({r['device_name']}, {r['threads']} threads)  "
         f"torch {r['torch']}  pyro {r['pyro']}",
         f"  {nets}, latent {r['latent_dim']}, {r['data']} ({r['num_train']:,} training images)",
         f"  training: {r['repeats']} interleaved pairs of {r['steps_per_block']}-step blocks after "
@@ -435,7 +437,7 @@ def format_report(results: dict) -> str:
 def build_parser() -> argparse.ArgumentParser:
     defaults = Config()
     parser = argparse.ArgumentParser(
-        prog="python -m pyro_vae.bench",
+        prog="python benchmarks/bench.py",
         description="Time the trainer's SVI step against a hand-written PyTorch step on the same "
                     "networks, interleaved; time evaluation; report peak memory.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -498,7 +500,7 @@ def main(argv=None) -> int:
     print("\n" + format_report(results), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-        print(f"pyro_vae.bench: wrote {args.json}", flush=True)
+        print(f"bench: wrote {args.json}", flush=True)
     return 0
 
 
