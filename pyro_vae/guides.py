@@ -42,9 +42,18 @@ class PointEstimate(nn.Module):
         return dist.Delta(loc).to_event(1)
 
 
+def precision_weighted(loc_a: torch.Tensor, scale_a: torch.Tensor, loc_b: torch.Tensor, scale_b: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ladder guide's merge of two Gaussians' evidence: precisions add, locs average weighted by precision."""
+    precision_a, precision_b = scale_a ** -2, scale_b ** -2
+    variance = 1 / (precision_a + precision_b)
+    return (loc_a * precision_a + loc_b * precision_b) * variance, variance.sqrt()
+
+
 def make_posterior(config) -> nn.Module:
     return {
         "normal": DiagonalNormal,
+        "ladder": DiagonalNormal,  # each layer's merged Gaussian (model.VAE._ladder_guide)
         "iaf": lambda: InverseAutoregressiveFlow(config.latent_dim, config.flow_steps),
         "delta": PointEstimate,
     }[config.guide]()
