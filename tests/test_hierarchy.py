@@ -1,0 +1,225 @@
+"""The hierarchical VAE (--layers L): traces, training, the exact value of a linear-Gaussian chain, one layer unchanged."""
+
+import dataclasses
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro import poutine
+
+import pyro_vae
+from pyro_vae import Config, build_vae
+from pyro_vae.config import parse_args
+from pyro_vae.data import load_mnist
+from pyro_vae.evaluate import importance_estimates
+from pyro_vae.model import latent_sites
+from pyro_vae.train import SVIStep, main
+
+
+def _config(layers=2, guide="normal", **kwargs):
+    settings = dict(arch="mlp", latent_dim=4, hidden_dim=16, upper_dims=(3,), layer_hidden_dim=8, batch_size=16,
+                    device="cpu")
+    config = Config(**{**settings, **kwargs}, layers=layers, guide=guide)
+    assert config.errors() == []
+    return config
+
+
+def _traces(vae, x):
+    guide_trace = poutine.trace(vae.guide).get_trace(x)
+    model_trace = poutine.trace(poutine.replay(vae.model, trace=guide_trace)).get_trace(x)
+    for trace in (guide_trace, model_trace):
+        trace.compute_log_prob()  # validates every site's value against its distribution
+    return model_trace, guide_trace
+
+
+@pytest.mark.parametrize("layers", [2, 3])
+@pytest.mark.parametrize("guide, prior", [("normal", "normal"), ("iaf", "normal"), ("ladder", "normal"),
+                                          ("normal", "flow"), ("ladder", "vamp"), ("normal", "mog")])
+def test_model_and_guide_traces_validate_with_the_same_sites(layers, guide, prior):
+    vae = build_vae(_config(layers, guide, prior=prior, upper_dims=(3, 2)[:layers - 1]), num_data=100)
+    x = torch.rand(5, 1, 28, 28).bernoulli()
+    model_trace, guide_trace = _traces(vae, x)
+    latents = latent_sites(layers)
+    assert latents == ("z", "z2", "z3")[:layers]
+    sample_sites = lambda t: [n for n, s in t.nodes.items() if s["type"] == "sample" and n != "data"]
+    assert sample_sites(model_trace) == [*reversed(latents), "x"]  # top down: z_L first, x last
+    assert sorted(sample_sites(guide_trace)) == sorted(latents)
+    for site, width in zip(latents, (4, 3, 2)):
+        for trace in (model_trace, guide_trace):
+            node = trace.nodes[site]
+            assert node["value"].shape == (5, width) and node["fn"].event_shape == (width,)
+            assert node["log_prob"].shape == (5,)
+            assert [f.name for f in node["cond_indep_stack"]] == ["data"]
+
+
+@pytest.mark.parametrize("guide", ["normal", "ladder"])
+def test_kl_weight_scales_every_layer_in_model_and_guide(guide):
+    vae = build_vae(_config(3, guide), num_data=100)
+    vae.kl_weight = 0.25
+    model_trace, guide_trace = _traces(vae, torch.rand(4, 1, 28, 28).bernoulli())
+    data_scale = 100 / 4
+    for site in latent_sites(3):
+        assert model_trace.nodes[site]["scale"] == guide_trace.nodes[site]["scale"] == pytest.approx(0.25 * data_scale)
+    assert model_trace.nodes["x"]["scale"] == pytest.approx(data_scale)
+
+
+def test_ladder_guide_merges_the_bottom_up_pass_with_the_model_by_precision():
+    vae = build_vae(_config(2, "ladder"))
+    x = torch.rand(3, 1, 28, 28).bernoulli()
+    _, guide_trace = _traces(vae, x)
+    loc_hat, scale_hat = vae.encoder(x)  # the pass's Gaussian for z_1
+    loc_p, scale_p = vae.top_down[0](guide_trace.nodes["z2"]["value"])  # the model's p(z_1 | z_2)
+    q = guide_trace.nodes["z"]["fn"].base_dist
+    variance = 1 / (scale_hat ** -2 + scale_p ** -2)
+    assert torch.allclose(q.scale ** 2, variance)
+    assert torch.allclose(q.loc, variance * (loc_hat / scale_hat ** 2 + loc_p / scale_p ** 2), atol=1e-6)
+    assert (q.scale < torch.minimum(scale_hat, scale_p)).all()  # two sources of evidence: narrower than either
+
+
+@pytest.mark.parametrize("guide, elbo, particles", [("normal", "trace", 1), ("ladder", "trace", 1),
+                                                    ("normal", "iwae", 4), ("ladder", "iwae", 4)])
+def test_thirty_training_steps_lower_the_loss(data_dir, guide, elbo, particles):
+    config = _config(2, guide, elbo=elbo, num_particles=particles, lr=3e-3)
+    data = load_mnist(data_dir, binarize="dynamic", train_size=512, test_size=1)
+    vae = build_vae(config, num_data=data.num_train)  # N = 512, B = 16: the plate scales by 32
+    step = SVIStep(vae, config)
+    plan = data.plan_epoch(config.batch_size)  # 32 batches, as the training loop draws them
+    losses = [step.step(*data.batch(*plan[i])) for i in range(30)]
+    assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5
+
+
+class LinearGaussianChain:
+    """z2 ~ N(0, I), z | z2 ~ N(A z2 + a, s^2 I), x | z ~ N(W z + b, sigma^2 I): log p(x) in closed form.
+
+    Site names as in the VAE ("z" next to x, "z2" above). The guide is bottom-up, q(z | x) q(z2 | z), like
+    --guide normal: deliberately off (widened and shifted), or with `exact_guide` the exact posterior
+    p(z | x) p(z2 | z) (z2 is independent of x given z), which makes every importance weight p(x).
+    """
+
+    def __init__(self, D=5, k1=3, k2=2, s=0.7, sigma=0.5, widen=1.3, shift=0.1, exact_guide=False):
+        gen = torch.Generator().manual_seed(0)
+        self.A, self.a = torch.randn(k1, k2, generator=gen), torch.randn(k1, generator=gen)
+        self.W, self.b = torch.randn(D, k1, generator=gen), torch.randn(D, generator=gen)
+        self.s, self.sigma, self.k2 = s, sigma, k2
+        self.z_cov = self.A @ self.A.T + s ** 2 * torch.eye(k1)  # of the marginal p(z)
+        self.z_post_cov = torch.linalg.inv(torch.linalg.inv(self.z_cov) + self.W.T @ self.W / sigma ** 2)
+        self.z2_post_cov = torch.linalg.inv(torch.eye(k2) + self.A.T @ self.A / s ** 2)
+        self.widen, self.shift, self.exact_guide = widen, shift, exact_guide
+
+    def marginal(self) -> dist.Distribution:
+        D = len(self.b)
+        return dist.MultivariateNormal(self.W @ self.a + self.b,
+                                       self.W @ self.z_cov @ self.W.T + self.sigma ** 2 * torch.eye(D))
+
+    def q_z(self, x) -> dist.Distribution:
+        loc = (torch.linalg.solve(self.z_cov, self.a) + (x - self.b) @ self.W / self.sigma ** 2) @ self.z_post_cov
+        if self.exact_guide:
+            return dist.MultivariateNormal(loc, self.z_post_cov)
+        return dist.MultivariateNormal(loc + self.shift, self.widen ** 2 * self.z_post_cov)
+
+    def q_z2(self, z) -> dist.Distribution:
+        loc = (z - self.a) @ self.A / self.s ** 2 @ self.z2_post_cov
+        if self.exact_guide:
+            return dist.MultivariateNormal(loc, self.z2_post_cov)
+        return dist.MultivariateNormal(loc - self.shift, self.widen ** 2 * self.z2_post_cov)
+
+    def model(self, x, y=None):
+        with pyro.plate("data", x.shape[0], dim=-1):
+            z2 = pyro.sample("z2", dist.Normal(torch.zeros(self.k2), 1.0).to_event(1))
+            z = pyro.sample("z", dist.Normal(z2 @ self.A.T + self.a, self.s).to_event(1))
+            pyro.sample("x", dist.Normal(z @ self.W.T + self.b, self.sigma).to_event(1), obs=x)
+
+    def guide(self, x, y=None):
+        with pyro.plate("data", x.shape[0], dim=-1):
+            z = pyro.sample("z", self.q_z(x))
+            pyro.sample("z2", self.q_z2(z))
+
+
+def test_importance_estimate_of_a_linear_gaussian_chain_converges_to_the_exact_log_marginal():
+    chain = LinearGaussianChain()
+    x = chain.marginal().sample((200,))
+    exact = chain.marginal().log_prob(x)
+    errors = []
+    for k in (1, 10, 100, 1000):
+        estimates = importance_estimates(chain, x, num_samples=k, chunk=128)
+        errors.append((exact - estimates.log_px).abs().mean().item())
+    assert errors[0] > errors[1] > errors[2] > errors[3]
+    assert errors[0] > 0.5 and errors[3] < 0.05
+    assert (estimates.elbo < exact).all()
+
+
+@pytest.mark.parametrize("k, chunk", [(1, 1), (10, 3), (7, 100)])
+def test_the_exact_posterior_as_guide_gives_the_exact_value_for_any_k(k, chunk):
+    chain = LinearGaussianChain(exact_guide=True)
+    x = chain.marginal().sample((5,))
+    estimates = importance_estimates(chain, x, num_samples=k, chunk=chunk)
+    exact = chain.marginal().log_prob(x)
+    assert torch.allclose(estimates.log_px, exact, atol=1e-4)
+    assert torch.allclose(estimates.elbo, exact, atol=1e-4)
+
+
+# Recorded from main at the branch point (8e4323c) by the steps of test_one_layer_is_todays_model_bit_for_bit: the
+# sum of each parameter after pyro.set_rng_seed(0), and the loss of three steps on one batch.
+MAIN_PARAMETER_SUMS = {
+    "encoder.features.1.weight": 1.4462339129, "encoder.features.1.bias": -0.0419719397,
+    "encoder.head.weight": 1.5403380096, "encoder.head.bias": -0.6051366329,
+    "decoder.body.0.weight": -1.1064477023, "decoder.body.0.bias": 0.7061512023,
+    "decoder.body.2.weight": 11.0187948048, "decoder.body.2.bias": 5.3995322287,
+}
+MAIN_LOSSES = [567090.5659179688, 562240.71875, 561802.2158203125]
+
+
+def test_one_layer_is_todays_model_bit_for_bit():
+    config = Config(arch="mlp", latent_dim=3, conv_channels=(4, 8), hidden_dim=16, device="cpu", batch_size=8)
+    assert config.layers == 1 and parse_args([]).layers == 1
+    pyro.set_rng_seed(0)
+    vae = build_vae(config, num_data=1000)
+    state = vae.state_dict()
+    assert list(state) == list(MAIN_PARAMETER_SUMS)  # the same parameter names, in the same order
+    for name, total in MAIN_PARAMETER_SUMS.items():
+        assert state[name].double().sum().item() == pytest.approx(total, abs=1e-8), name
+    pyro.set_rng_seed(1)
+    x = torch.rand(8, 1, 28, 28).bernoulli()
+    step = SVIStep(vae, config)
+    assert [step.step(x) for _ in range(3)] == pytest.approx(MAIN_LOSSES, rel=1e-6)
+    assert vae.sites == ("z",)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--guide", "ladder"], "--guide ladder needs --layers 2 or more"),
+    (["--upper-dims", "8"], "--upper-dims needs --layers 2 or more"),
+    (["--layer-hidden-dim", "8"], "--layer-hidden-dim needs --layers 2 or more"),
+    (["--layers", "3", "--upper-dims", "8", "4", "2"], "--upper-dims takes one width for all"),
+    (["--layers", "2", "--guide", "delta"], "--guide delta"),
+    (["--layers", "2", "--conditional"], "--conditional"),
+    (["--layers", "2", "--elbo", "meanfield"], "--elbo meanfield"),
+    (["--layers", "2", "--prior", "vamp"], "use --guide ladder"),
+    (["--layers", "2", "--upper-dims", "1", "--prior", "flow"], "--prior flow is the top layer's prior"),
+])
+def test_unsupported_combinations_exit_2_naming_the_flag(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(argv + ["--device", "cpu"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and "Traceback" not in err
+
+
+def test_widths_one_per_layer_or_one_for_all():
+    assert Config(layers=3, latent_dim=8).layer_dims() == (8, 8, 8)
+    assert Config(layers=3, latent_dim=8, upper_dims=(4,)).layer_dims() == (8, 4, 4)
+    assert Config(layers=3, latent_dim=8, upper_dims=(4, 2)).layer_dims() == (8, 4, 2)
+    assert parse_args(["--layers", "3", "--upper-dims", "4", "2", "--device", "cpu"]).upper_dims == (4, 2)
+
+
+@pytest.mark.parametrize("guide", ["normal", "ladder"])
+def test_cli_trains_a_two_layer_run_that_loads_back(small_config, guide):
+    args = ["--layers", "2", "--guide", guide, "--epochs", "1", "--max-steps", "3", "--batch-size", "64",
+            "--train-size", "256", "--test-size", "64", "--latent-dim", "4", "--conv-channels", "4", "8",
+            "--data-dir", small_config.data_dir, "--out", small_config.out, "--device", "cpu"]
+    assert main(args) == 0
+    trained = pyro_vae.load(small_config.out)
+    assert trained.config.layers == 2 and trained.vae.sites == ("z", "z2")
+    assert trained.sample(4).shape == (4, 1, 28, 28)
+    rebuilt = build_vae(dataclasses.replace(trained.config))
+    assert set(rebuilt.state_dict()) == set(trained.vae.state_dict())
+    assert any(name.startswith("top_down.") for name in rebuilt.state_dict())
