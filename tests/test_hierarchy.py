@@ -1,6 +1,7 @@
 """The hierarchical VAE (--layers L): traces, training, the exact value of a linear-Gaussian chain, one layer unchanged."""
 
 import dataclasses
+from pathlib import Path
 
 import pyro
 import pyro.distributions as dist
@@ -12,7 +13,9 @@ import pyro_vae
 from pyro_vae import Config, build_vae
 from pyro_vae.config import parse_args
 from pyro_vae.data import load_mnist
-from pyro_vae.evaluate import importance_estimates
+from pyro_vae.checkpoint import TrainedVAE
+from pyro_vae.evaluate import evaluate_run, format_table, importance_estimates
+from pyro_vae import plot
 from pyro_vae.model import latent_sites
 from pyro_vae.train import SVIStep, main
 
@@ -212,6 +215,56 @@ def test_widths_one_per_layer_or_one_for_all():
 
 
 @pytest.mark.parametrize("guide", ["normal", "ladder"])
+def test_evaluate_reports_kl_and_active_units_per_layer(data_dir, guide):
+    config = dataclasses.replace(_config(2, guide), data_dir=str(data_dir), test_size=64)
+    run = TrainedVAE(build_vae(config), config, {"epoch": 1})
+    results = evaluate_run(run, k=200, limit=32, batch_size=16, chunk=100, progress=False)
+    layers = results["layers"]
+    assert [row["site"] for row in layers] == ["z", "z2"] and [row["width"] for row in layers] == [4, 3]
+    assert all(0 <= row["active_units"] <= row["width"] for row in layers)
+    # the layers' KL terms add up to the whole KL, reconstruction - ELBO (from other draws: a tolerance)
+    assert sum(row["kl"]["mean"] for row in layers) == pytest.approx(results["kl"]["mean"], abs=0.3)
+    table = format_table(results)
+    assert "per stochastic layer" in table and f"{layers[1]['kl']['mean']:.2f}" in table
+    one_layer = evaluate_run(TrainedVAE(build_vae(dataclasses.replace(config, layers=1, upper_dims=(),
+                                                                       layer_hidden_dim=256, guide="normal")),
+                                        config), k=5, limit=8, batch_size=8, progress=False)
+    assert "layers" not in one_layer and "per stochastic layer" not in format_table(one_layer)
+
+
+def _silence(net, what):
+    """Make a GaussianLayer ignore its input (what="input") or give a near-zero scale (what="scale")."""
+    last = net.body[-1]
+    with torch.no_grad():
+        if what == "input":
+            net.body[0].weight.zero_()
+        else:
+            last.bias[last.out_features // 2:] = -30.0
+            last.weight[last.out_features // 2:] = 0.0
+
+
+def test_hierarchy_samples_hold_the_top_layer_along_rows_or_the_noise_below():
+    config = _config(3)
+    vae = build_vae(config)
+    run = TrainedVAE(vae, config)
+    for net in vae.top_down:
+        _silence(net, "scale")  # z_l is then a function of z_l+1: a row that holds z_L holds the image
+    rows = plot.hierarchy_samples(run, "top", n=4)
+    assert rows.shape == (4, 4, 1, 28, 28)
+    assert torch.allclose(rows[:, :1].expand_as(rows), rows, atol=1e-4)
+    assert (rows[0, 0] - rows[1, 0]).abs().max() > 1e-3  # rows differ
+
+    vae = build_vae(config)
+    run = TrainedVAE(vae, config)
+    for net in vae.top_down:
+        _silence(net, "input")  # z_l no longer depends on z_l+1: a row that holds the noise below holds the image
+    rows = plot.hierarchy_samples(run, "lower", n=4)
+    assert torch.allclose(rows[:, :1].expand_as(rows), rows, atol=1e-5)
+    assert (rows[0, 0] - rows[1, 0]).abs().max() > 1e-3  # rows differ
+    assert plot.layer_controls(run, n=3) is not None
+
+
+@pytest.mark.parametrize("guide", ["normal", "ladder"])
 def test_cli_trains_a_two_layer_run_that_loads_back(small_config, guide):
     args = ["--layers", "2", "--guide", guide, "--epochs", "1", "--max-steps", "3", "--batch-size", "64",
             "--train-size", "256", "--test-size", "64", "--latent-dim", "4", "--conv-channels", "4", "8",
@@ -223,3 +276,6 @@ def test_cli_trains_a_two_layer_run_that_loads_back(small_config, guide):
     rebuilt = build_vae(dataclasses.replace(trained.config))
     assert set(rebuilt.state_dict()) == set(trained.vae.state_dict())
     assert any(name.startswith("top_down.") for name in rebuilt.state_dict())
+    if guide == "ladder":  # the plot CLI draws a hierarchical run's layer picture too
+        assert plot.main([small_config.out, "--limit", "64"]) == 0
+        assert (Path(small_config.out) / "plots" / "layers.png").is_file()
