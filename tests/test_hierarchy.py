@@ -212,6 +212,7 @@ def test_widths_one_per_layer_or_one_for_all():
     assert Config(layers=3, latent_dim=8, upper_dims=(4,)).layer_dims() == (8, 4, 4)
     assert Config(layers=3, latent_dim=8, upper_dims=(4, 2)).layer_dims() == (8, 4, 2)
     assert parse_args(["--layers", "3", "--upper-dims", "4", "2", "--device", "cpu"]).upper_dims == (4, 2)
+    assert parse_args(["--layers", "2", "--device", "cpu"]).layer_dims() == (32, 32)  # the defaults are usable
 
 
 @pytest.mark.parametrize("guide", ["normal", "ladder"])
@@ -273,6 +274,9 @@ def test_cli_trains_a_two_layer_run_that_loads_back(small_config, guide):
     trained = pyro_vae.load(small_config.out)
     assert trained.config.layers == 2 and trained.vae.sites == ("z", "z2")
     assert trained.sample(4).shape == (4, 1, 28, 28)
+    x = torch.rand(3, 1, 28, 28).bernoulli()
+    if guide == "ladder":  # reconstructions decode the merged posterior's mean given a draw of z2, not the encoder's
+        assert not torch.allclose(trained.reconstruct(x), trained.decode(trained.encode(x)[0]))
     rebuilt = build_vae(dataclasses.replace(trained.config))
     assert set(rebuilt.state_dict()) == set(trained.vae.state_dict())
     assert any(name.startswith("top_down.") for name in rebuilt.state_dict())
