@@ -4,7 +4,6 @@ import dataclasses
 from pathlib import Path
 
 import pyro
-import pyro.distributions as dist
 import pytest
 import torch
 from pyro import poutine
@@ -14,7 +13,7 @@ from pyro_vae import Config, build_vae
 from pyro_vae.config import parse_args
 from pyro_vae.data import load_mnist
 from pyro_vae.checkpoint import TrainedVAE
-from pyro_vae.evaluate import evaluate_run, format_table, importance_estimates
+from pyro_vae.evaluate import evaluate_run, format_table
 from pyro_vae import plot
 from pyro_vae.model import latent_sites
 from pyro_vae.train import SVIStep, main
@@ -90,76 +89,6 @@ def test_thirty_training_steps_lower_the_loss(data_dir, guide, elbo, particles):
     plan = data.plan_epoch(config.batch_size)  # 32 batches, as the training loop draws them
     losses = [step.step(*data.batch(*plan[i])) for i in range(30)]
     assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5
-
-
-class LinearGaussianChain:
-    """z2 ~ N(0, I), z | z2 ~ N(A z2 + a, s^2 I), x | z ~ N(W z + b, sigma^2 I): log p(x) in closed form.
-
-    Site names as in the VAE ("z" next to x, "z2" above). The guide is bottom-up, q(z | x) q(z2 | z), like
-    --guide normal: deliberately off (widened and shifted), or with `exact_guide` the exact posterior
-    p(z | x) p(z2 | z) (z2 is independent of x given z), which makes every importance weight p(x).
-    """
-
-    def __init__(self, D=5, k1=3, k2=2, s=0.7, sigma=0.5, widen=1.3, shift=0.1, exact_guide=False):
-        gen = torch.Generator().manual_seed(0)
-        self.A, self.a = torch.randn(k1, k2, generator=gen), torch.randn(k1, generator=gen)
-        self.W, self.b = torch.randn(D, k1, generator=gen), torch.randn(D, generator=gen)
-        self.s, self.sigma, self.k2 = s, sigma, k2
-        self.z_cov = self.A @ self.A.T + s ** 2 * torch.eye(k1)  # of the marginal p(z)
-        self.z_post_cov = torch.linalg.inv(torch.linalg.inv(self.z_cov) + self.W.T @ self.W / sigma ** 2)
-        self.z2_post_cov = torch.linalg.inv(torch.eye(k2) + self.A.T @ self.A / s ** 2)
-        self.widen, self.shift, self.exact_guide = widen, shift, exact_guide
-
-    def marginal(self) -> dist.Distribution:
-        D = len(self.b)
-        return dist.MultivariateNormal(self.W @ self.a + self.b,
-                                       self.W @ self.z_cov @ self.W.T + self.sigma ** 2 * torch.eye(D))
-
-    def q_z(self, x) -> dist.Distribution:
-        loc = (torch.linalg.solve(self.z_cov, self.a) + (x - self.b) @ self.W / self.sigma ** 2) @ self.z_post_cov
-        if self.exact_guide:
-            return dist.MultivariateNormal(loc, self.z_post_cov)
-        return dist.MultivariateNormal(loc + self.shift, self.widen ** 2 * self.z_post_cov)
-
-    def q_z2(self, z) -> dist.Distribution:
-        loc = (z - self.a) @ self.A / self.s ** 2 @ self.z2_post_cov
-        if self.exact_guide:
-            return dist.MultivariateNormal(loc, self.z2_post_cov)
-        return dist.MultivariateNormal(loc - self.shift, self.widen ** 2 * self.z2_post_cov)
-
-    def model(self, x, y=None):
-        with pyro.plate("data", x.shape[0], dim=-1):
-            z2 = pyro.sample("z2", dist.Normal(torch.zeros(self.k2), 1.0).to_event(1))
-            z = pyro.sample("z", dist.Normal(z2 @ self.A.T + self.a, self.s).to_event(1))
-            pyro.sample("x", dist.Normal(z @ self.W.T + self.b, self.sigma).to_event(1), obs=x)
-
-    def guide(self, x, y=None):
-        with pyro.plate("data", x.shape[0], dim=-1):
-            z = pyro.sample("z", self.q_z(x))
-            pyro.sample("z2", self.q_z2(z))
-
-
-def test_importance_estimate_of_a_linear_gaussian_chain_converges_to_the_exact_log_marginal():
-    chain = LinearGaussianChain()
-    x = chain.marginal().sample((200,))
-    exact = chain.marginal().log_prob(x)
-    errors = []
-    for k in (1, 10, 100, 1000):
-        estimates = importance_estimates(chain, x, num_samples=k, chunk=128)
-        errors.append((exact - estimates.log_px).abs().mean().item())
-    assert errors[0] > errors[1] > errors[2] > errors[3]
-    assert errors[0] > 0.5 and errors[3] < 0.05
-    assert (estimates.elbo < exact).all()
-
-
-@pytest.mark.parametrize("k, chunk", [(1, 1), (10, 3), (7, 100)])
-def test_the_exact_posterior_as_guide_gives_the_exact_value_for_any_k(k, chunk):
-    chain = LinearGaussianChain(exact_guide=True)
-    x = chain.marginal().sample((5,))
-    estimates = importance_estimates(chain, x, num_samples=k, chunk=chunk)
-    exact = chain.marginal().log_prob(x)
-    assert torch.allclose(estimates.log_px, exact, atol=1e-4)
-    assert torch.allclose(estimates.elbo, exact, atol=1e-4)
 
 
 # Recorded from main at the branch point (8e4323c) by the steps of test_one_layer_is_todays_model_bit_for_bit: the
