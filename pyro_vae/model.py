@@ -64,7 +64,8 @@ class VAE(nn.Module):
         return None if y is None else F.one_hot(y, NUM_CLASSES).float()
 
     def model(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
-        """z ~ p(z); x ~ p(x | z) for each image x (B, 1, 28, 28); conditional: y ~ p(y) first."""
+        """z ~ p(z); x ~ p(x | z) for each image x (B, 1, 28, 28); conditional: y ~ p(y) first; with L layers
+        z_L ~ p(z_L), then z_l ~ p(z_l | z_l+1) down to z (= z_1)."""
         pyro.module("prior", self.prior)
         pyro.module("decoder", self.decoder)
         pyro.module("likelihood", self.likelihood)
@@ -89,7 +90,8 @@ class VAE(nn.Module):
                     pyro.sample("y_aux", dist.Categorical(logits=self.classifier(x)), obs=labels)
 
     def guide(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
-        """q(z | x): the posterior family applied to the encoder's output; conditional: q(y | x) q(z | x, y)."""
+        """q(z | x): the posterior family applied to the encoder's output; conditional: q(y | x) q(z | x, y); with L
+        layers q(z | x) q(z2 | z) ... bottom-up, or the ladder's top-down q(z_L | x) ... q(z | z2, x)."""
         pyro.module("encoder", self.encoder)
         pyro.module("posterior", self.posterior)
         pyro.module("bottom_up", self.bottom_up)
@@ -109,7 +111,7 @@ class VAE(nn.Module):
 
     def _ladder_guide(self, x: torch.Tensor) -> None:
         """q(z_L | x) from the bottom-up pass, then top-down: q(z_l | z_l+1, x) merges, by precision, the pass's
-        Gaussian for z_l with the model's own p(z_l | z_l+1) (Sonderby et al. 2016, their eq. 17-19)."""
+        Gaussian for z_l with the model's own p(z_l | z_l+1) (Sonderby et al. 2016): the top-down nets are shared."""
         pyro.module("top_down", self.top_down)
         up = ladder_pass(self.encoder, self.bottom_up, x)  # (loc, scale) for z_1 .. z_L
         z = pyro.sample(self.sites[-1], dist.Normal(*up[-1]).to_event(1))
