@@ -60,6 +60,12 @@ class Config:
     arch: str = _opt("conv", "encoder/decoder networks", choices=("conv", "mlp"))
     conv_channels: tuple = _opt((32, 64), "channels of the two stride-2 conv layers", minimum=1, nargs=2)
     hidden_dim: int = _opt(400, "hidden units of the mlp networks", minimum=1)
+    layers: int = _opt(1, "stochastic layers: p(z_L) p(z_L-1 | z_L) ... p(z_1 | z_2) p(x | z_1); z_1 is the latent z",
+                       minimum=1)
+    upper_dims: tuple = _opt((), "with --layers L >= 2: widths of z_2 .. z_L, one value per layer or one for all "
+                                 "(default: --latent-dim)", minimum=1, nargs="+")
+    layer_hidden_dim: int = _opt(256, "with --layers 2 or more: hidden units of each network between two layers",
+                                 minimum=1)
     init: str = _opt("torch", "initial weights of the networks: torch's defaults, or glorot (Keras's defaults: "
                               "Glorot-uniform weights, zero biases)", choices=("torch", "glorot"))
     # the generative story and the posterior family
@@ -69,7 +75,9 @@ class Config:
     studentt_df: float = _opt(3.0, "degrees of freedom of the studentt prior (fewer: heavier tails)")
     likelihood: str = _opt("bernoulli", "p(x | z), a class in likelihoods.LIKELIHOODS; each says which --binarize "
                                         "data it fits", registry="likelihood")
-    guide: str = _opt("normal", "q(z | x), the posterior family: a class in guides.GUIDES", registry="guide")
+    guide: str = _opt("normal", "q(z | x), the posterior family: a class in guides.GUIDES; with --layers 2 or more "
+                                "the bottom-up q(z_1 | x) q(z_2 | z_1) ... (normal, iaf on z_1), or ladder: a bottom-up "
+                                "pass merged top-down with p(z_l | z_l+1) (Sonderby et al. 2016)", registry="guide")
     flow_steps: int = _opt(2, "steps of the iaf guide and of the flow prior", minimum=1)
     flow_hidden_factor: int = _opt(4, "hidden units of each step's network in the iaf guide and the flow prior, "
                                       "per latent dimension", minimum=1)
@@ -119,6 +127,11 @@ class Config:
 
     def describe(self) -> str:
         return "\n".join(f"  {k:16s} {v}" for k, v in self.to_dict().items())
+
+    def layer_dims(self) -> tuple:
+        """Widths of z_1 .. z_L."""
+        upper = self.upper_dims * (self.layers - 1) if len(self.upper_dims) == 1 else self.upper_dims
+        return (self.latent_dim, *(upper or (self.latent_dim,) * (self.layers - 1)))
 
     def errors(self) -> list[str]:
         """Every problem with the values, each naming its flag; empty when the config is usable."""
@@ -201,6 +214,32 @@ class Config:
         if self.labels and self.elbo != "trace":
             problems.append(f"--labels (semi-supervised) sums over unknown labels with TraceEnum_ELBO: "
                             f"use --elbo trace, not --elbo {self.elbo}")
+        return problems + self._hierarchy_errors()
+
+    def _hierarchy_errors(self) -> list[str]:
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        if self.layers == 1:
+            needs = [_flag(name) for name in ("upper_dims", "layer_hidden_dim")
+                     if getattr(self, name) != defaults[name]] + (["--guide ladder"] if self.guide == "ladder" else [])
+            return [f"{flag} needs --layers 2 or more" for flag in needs]
+        problems = []
+        if len(self.upper_dims) not in (0, 1, self.layers - 1):
+            problems.append(f"--upper-dims takes one width for all of z_2 .. z_L or one per layer ({self.layers - 1}), "
+                            f"not {len(self.upper_dims)}")
+        elif self.prior == "flow" and self.layer_dims()[-1] < 2:
+            problems.append("--prior flow is the top layer's prior: it needs a top width (--upper-dims) of 2 or more")
+        reasons = {
+            "delta": "--guide delta is a point z, and a point z_1 under p(z_1 | z_2) is a density at a point, no bound",
+            "conditional": "--conditional's label enters p(z | y) of the one-layer model; no place for it is chosen "
+                           "in a hierarchy",
+            "meanfield": "--elbo meanfield's analytic KL needs a guide whose latents are independent, and q(z_2 | z_1) "
+                         "is not",
+            "vamp": "--prior vamp mixes q(z_L | u_k) at pseudo-inputs u_k, which only the ladder guide has in closed "
+                    "form (the bottom-up guide reaches z_L through z_1): use --guide ladder",
+        }
+        given = {"delta": self.guide == "delta", "conditional": self.conditional, "meanfield": self.elbo == "meanfield",
+                 "vamp": self.prior == "vamp" and self.guide != "ladder"}
+        problems += [f"{reasons[name]}: not with --layers {self.layers}" for name, bad in given.items() if bad]
         return problems
 
 

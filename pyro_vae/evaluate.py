@@ -201,6 +201,42 @@ def kl_to_standard_normal(loc: torch.Tensor, scale: torch.Tensor) -> torch.Tenso
     return 0.5 * (loc ** 2 + scale ** 2 - 1) - scale.log()
 
 
+@torch.no_grad()
+def layer_figures(vae, x: torch.Tensor, y: torch.Tensor | None = None, num_samples: int = 100
+                  ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per latent layer z_1 .. z_L of a hierarchical VAE: its KL term and its posterior mean, from num_samples draws.
+
+    The KL term is E_q[log q(z_l | ...) - log p(z_l | z_l+1)] per image, (B,); the terms sum to the whole KL.
+    The mean E_q[z_l | x], (B, width), averages the guide's conditional means over the draws of the layers it
+    depends on (exact for z_1 of the bottom-up guide and z_L of the ladder's), so its noise is small.
+    """
+    model_trace, guide_trace = _traces(vae, x, y, num_samples)
+    model_trace.compute_log_prob()
+    guide_trace.compute_log_prob()
+    figures = []
+    for site in vae.sites:
+        q, p = guide_trace.nodes[site], model_trace.nodes[site]
+        kl = (q["unscaled_log_prob"] - p["unscaled_log_prob"]).reshape(num_samples, -1).mean(0)
+        try:
+            mean = q["fn"].mean
+        except NotImplementedError:  # a flow (the iaf guide on z_1) has no closed-form mean: average the draws
+            mean = q["value"]
+        figures.append((kl, mean.expand_as(q["value"]).reshape(num_samples, len(x), -1).mean(0)))
+    return figures
+
+
+def _layer_summaries(vae, per_batch: list) -> list[dict]:
+    """evaluate_run's per-layer rows from layer_figures of each batch: KL, active units, width."""
+    rows = []
+    for site, layer in zip(vae.sites, zip(*per_batch)):
+        kl = torch.cat([k for k, _ in layer]).double().cpu()
+        mean = torch.cat([m for _, m in layer]).double().cpu()
+        variance = mean.var(dim=0) if len(mean) > 1 else torch.zeros(mean.shape[1], dtype=mean.dtype)
+        rows.append({"site": site, "width": mean.shape[1], "kl": _summary(kl),
+                     "active_units": int((variance > ACTIVE_UNIT_THRESHOLD).sum())})
+    return rows
+
+
 def _summary(values: torch.Tensor) -> dict:
     n = len(values)
     stderr = values.std().item() / math.sqrt(n) if n > 1 else float("nan")
@@ -227,7 +263,7 @@ def evaluate_run(run, *, k: int = 1000, limit: int = 0, batch_size: int = 100, c
     labels_observed = getattr(run, "labels_observed", False)  # the label-conditioned model is told y
 
     per_image = {"log_px": [], "elbo": [], "reconstruction": []}
-    locs, kls = [], []
+    locs, kls, layers = [], [], []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
         torch.manual_seed(seed)
         bar = tqdm(total=len(images), desc=f"log p(x), K={k}", unit="img",
@@ -241,6 +277,8 @@ def evaluate_run(run, *, k: int = 1000, limit: int = 0, batch_size: int = 100, c
             loc, scale = posterior_params(run, x, y)  # (B, latent_dim) each
             locs.append(loc)
             kls.append(kl_to_standard_normal(loc, scale))
+            if len(run.vae.sites) > 1:
+                layers.append(layer_figures(run.vae, x, y))
             bar.update(len(x))
         bar.close()
 
@@ -265,6 +303,7 @@ def evaluate_run(run, *, k: int = 1000, limit: int = 0, batch_size: int = 100, c
         "active_units": int(active.sum()),
         "active_unit_threshold": ACTIVE_UNIT_THRESHOLD,
         "seconds": time.perf_counter() - started,
+        **({"layers": _layer_summaries(run.vae, layers)} if layers else {}),
     }
 
 
@@ -293,7 +332,13 @@ def format_table(results: dict) -> str:
         lines.append(f"  {label:42s} {r[key]['mean']:9.2f} {r[key]['stderr']:9.2f}")
     if r["guide"] == "delta":
         lines.append("  note: q(z|x) is a point mass (--guide delta): these are log p(x, z*), not bounds on log p(x)")
-    base = " of the flow's base Gaussian" if r["guide"] == "iaf" else ""
+    if r.get("layers"):  # a hierarchical VAE: the KL and active units of each layer; the table below is z's
+        lines += ["", f"  {'per stochastic layer (z is z_1)':32s} {'KL nats':>9s} {'std. err.':>9s} {'active units':>14s}"]
+        lines += [f"  {row['site']:32s} {row['kl']['mean']:9.2f} {row['kl']['stderr']:9.2f} "
+                  f"{row['active_units']:>7d} of {row['width']}" for row in r["layers"]]
+        lines.append("")
+    base = {"iaf": " of the flow's base Gaussian", "ladder": " of z's bottom-up Gaussian (before the merge)"
+            }.get(r["guide"], "")
     lines += [
         f"  {'active units (Cov_x E_q[z_d] > %g)' % r['active_unit_threshold']:42s} "
         f"{r['active_units']:>9d} of {r['latent_dim']}",

@@ -18,6 +18,7 @@ class Guide(nn.Module):
 
     min_latent_dim = 1  # the smallest --latent-dim it is defined for
     analytic_kl = False  # KL(q || p) in closed form against an analytic_kl prior (--elbo meanfield)
+    top_down = False  # with --layers 2 or more: bottom-up q(z | x) q(z2 | z) ..., or top-down as the ladder
 
     @classmethod
     def from_config(cls, config, encoder: nn.Module) -> Guide:
@@ -63,8 +64,24 @@ class PointEstimate(Guide):
         return dist.Delta(loc).to_event(1)
 
 
+class Ladder(DiagonalNormal):
+    """The ladder guide (Sønderby et al. 2016), for --layers 2 or more: each layer's Gaussian from a deterministic
+    bottom-up pass, merged top-down by precision with the model's p(z_l | z_l+1) (model.VAE._ladder_guide)."""
+
+    analytic_kl = False  # the merged q(z | x, z2) has no closed-form KL against p(z) alone
+    top_down = True  # the guide goes top-down through the model's conditionals
+
+
+def precision_weighted(loc_a: torch.Tensor, scale_a: torch.Tensor, loc_b: torch.Tensor, scale_b: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ladder guide's merge of two Gaussians' evidence: precisions add, locs average weighted by precision."""
+    precision_a, precision_b = scale_a ** -2, scale_b ** -2
+    variance = 1 / (precision_a + precision_b)
+    return (loc_a * precision_a + loc_b * precision_b) * variance, variance.sqrt()
+
+
 # --guide NAME chooses GUIDES[NAME]
-GUIDES = {"normal": DiagonalNormal, "iaf": InverseAutoregressiveFlow, "delta": PointEstimate}
+GUIDES = {"normal": DiagonalNormal, "iaf": InverseAutoregressiveFlow, "delta": PointEstimate, "ladder": Ladder}
 
 
 def make_posterior(config, encoder: nn.Module) -> Guide:

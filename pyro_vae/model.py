@@ -4,9 +4,13 @@ Variants are pieces this file uses, chosen by name from the Config: the prior (p
 likelihood (likelihoods.py) and the posterior family (guides.py). With `conditional`, a digit
 label y joins the story: y ~ Uniform{0..9}, z ~ p(z | y), x ~ p(x | z, y); where y is not observed
 the guide proposes it with a classifier q(y | x) and TraceEnum_ELBO sums over its ten values.
+With `layers` L >= 2 the latent is a chain z_L -> ... -> z_2 -> z -> x, each step a diagonal Gaussian
+from a small network (Burda et al. 2015; Sonderby et al. 2016 for the ladder guide).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import pyro
 import pyro.distributions as dist
@@ -16,10 +20,16 @@ from torch import nn
 from torch.nn import functional as F
 
 from .config import NUM_CLASSES
-from .guides import make_posterior
+from .guides import make_posterior, precision_weighted
 from .likelihoods import make_likelihood
-from .nets import make_classifier, make_nets
+from .nets import ladder_pass, make_classifier, make_hierarchy_nets, make_nets
 from .priors import make_prior
+
+
+def latent_sites(layers: int) -> tuple[str, ...]:
+    """Site names of z_1 .. z_L: "z" for the layer next to x, so one layer is today's model and everything
+    that reads site "z" (evaluate's grids, plot) reads the layer the decoder sees; "z2", "z3", ... above."""
+    return ("z", *(f"z{l}" for l in range(2, layers + 1)))
 
 
 class VAE(nn.Module):
@@ -27,7 +37,8 @@ class VAE(nn.Module):
 
     def __init__(self, encoder: nn.Module, decoder: nn.Module, prior: nn.Module, likelihood: nn.Module,
                  posterior: nn.Module, classifier: nn.Module | None = None, *, conditional: bool = False,
-                 num_data: int | None = None, classifier_weight: float = 0.0):
+                 num_data: int | None = None, classifier_weight: float = 0.0, top_down: nn.ModuleList | None = None,
+                 bottom_up: nn.ModuleList | None = None, ladder: bool = False):
         super().__init__()
         self.encoder, self.decoder, self.posterior = encoder, decoder, posterior
         self.prior, self.likelihood, self.classifier = prior, likelihood, classifier
@@ -35,6 +46,12 @@ class VAE(nn.Module):
         self.num_data = num_data  # size of the training set, so a minibatch estimates the whole-data ELBO
         self.kl_weight = 1.0  # beta (times the warm-up factor): scales log p(z) and log q(z | x) alike
         self.classifier_weight = classifier_weight  # weight of log q(y | x) on labelled images (Kingma M2)
+        # between the layers: top_down[l-1] gives p(z_l | z_l+1), bottom_up[l-1] q(z_l+1 | z_l) or the ladder's
+        # rung l; empty with one layer (no parameters, so one layer's state_dict is the plain VAE's)
+        self.top_down = top_down if top_down is not None else nn.ModuleList()
+        self.bottom_up = bottom_up if bottom_up is not None else nn.ModuleList()
+        self.ladder = ladder
+        self.sites = latent_sites(len(self.top_down) + 1)
 
     def _data_plate(self, x: torch.Tensor) -> pyro.plate:
         # x is already a random minibatch: the plate only needs its size to scale log-probs by N / B.
@@ -46,18 +63,22 @@ class VAE(nn.Module):
         return None if y is None else F.one_hot(y, NUM_CLASSES).float()
 
     def model(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
-        """z ~ p(z); x ~ p(x | z) for each image x (B, 1, 28, 28); conditional: y ~ p(y) first."""
+        """z ~ p(z); x ~ p(x | z) for each image x (B, 1, 28, 28); conditional: y ~ p(y) first; with L layers
+        z_L ~ p(z_L), then z_l ~ p(z_l | z_l+1) down to z (= z_1)."""
         pyro.module("prior", self.prior)
         pyro.module("decoder", self.decoder)
         pyro.module("likelihood", self.likelihood)
+        pyro.module("top_down", self.top_down)
         labels = y if self.conditional else None  # an unconditional model ignores labels
         y = None
         with self._data_plate(x):
             if self.conditional:
                 uniform = torch.zeros(NUM_CLASSES, device=x.device)
                 y = pyro.sample("y", dist.Categorical(logits=uniform), obs=labels)  # (B,), or enumerated (10, 1)
-            with poutine.scale(scale=self.kl_weight):
-                z = pyro.sample("z", self.prior(y))  # (B, latent_dim)
+            with poutine.scale(scale=self.kl_weight):  # beta on every layer
+                z = pyro.sample(self.sites[-1], self.prior(y))  # the top layer z_L: (B, its width)
+                for site, net in zip(reversed(self.sites[:-1]), reversed(self.top_down)):
+                    z = pyro.sample(site, dist.Normal(*net(z)).to_event(1))  # z_l ~ p(z_l | z_l+1)
             pyro.sample("x", self.likelihood(self.decoder(z, self._one_hot(y))), obs=x)
             if self.classifier is not None and labels is not None and self.classifier_weight:
                 # Kingma et al.'s extra term: on labelled images only, also fit q(y | x) to the label.
@@ -68,9 +89,11 @@ class VAE(nn.Module):
                     pyro.sample("y_aux", dist.Categorical(logits=self.classifier(x)), obs=labels)
 
     def guide(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
-        """q(z | x): the posterior family applied to the encoder's output; conditional: q(y | x) q(z | x, y)."""
+        """q(z | x): the posterior family applied to the encoder's output; conditional: q(y | x) q(z | x, y); with L
+        layers q(z | x) q(z2 | z) ... bottom-up, or the ladder's top-down q(z_L | x) ... q(z | z2, x)."""
         pyro.module("encoder", self.encoder)
         pyro.module("posterior", self.posterior)
+        pyro.module("bottom_up", self.bottom_up)
         y = y if self.conditional else None
         with self._data_plate(x):
             if self.conditional and y is None:
@@ -78,7 +101,21 @@ class VAE(nn.Module):
                 y = pyro.sample("y", dist.Categorical(logits=self.classifier(x)),
                                 infer={"enumerate": "parallel"})
             with poutine.scale(scale=self.kl_weight):
-                pyro.sample("z", self.posterior(*self.encoder(x, self._one_hot(y))))
+                if self.ladder:
+                    self._ladder_guide(x)
+                    return
+                z = pyro.sample("z", self.posterior(*self.encoder(x, self._one_hot(y))))
+                for site, net in zip(self.sites[1:], self.bottom_up):
+                    z = pyro.sample(site, dist.Normal(*net(z)).to_event(1))  # z_l+1 ~ q(z_l+1 | z_l)
+
+    def _ladder_guide(self, x: torch.Tensor) -> None:
+        """q(z_L | x) from the bottom-up pass, then top-down: q(z_l | z_l+1, x) merges, by precision, the pass's
+        Gaussian for z_l with the model's own p(z_l | z_l+1) (Sonderby et al. 2016): the top-down nets are shared."""
+        pyro.module("top_down", self.top_down)
+        up = ladder_pass(self.encoder, self.bottom_up, x)  # (loc, scale) for z_1 .. z_L
+        z = pyro.sample(self.sites[-1], dist.Normal(*up[-1]).to_event(1))
+        for site, net, (loc, scale) in zip(reversed(self.sites[:-1]), reversed(self.top_down), reversed(up[:-1])):
+            z = pyro.sample(site, self.posterior(*precision_weighted(loc, scale, *net(z))))
 
 
 def build_vae(config, num_data: int | None = None) -> VAE:
@@ -87,6 +124,16 @@ def build_vae(config, num_data: int | None = None) -> VAE:
     encoder, decoder = make_nets(config, cond_dim)
     semi_supervised = config.conditional and config.labels > 0
     classifier = make_classifier(config, NUM_CLASSES) if semi_supervised else None
-    return VAE(encoder, decoder, make_prior(config, encoder), make_likelihood(config),
-               make_posterior(config, encoder), classifier, conditional=config.conditional, num_data=num_data,
-               classifier_weight=config.classifier_weight)
+    top_down, bottom_up = make_hierarchy_nets(config)
+    prior = make_prior(config, encoder) if config.layers == 1 else _top_prior(config, encoder, bottom_up)
+    posterior = make_posterior(config, encoder)
+    return VAE(encoder, decoder, prior, make_likelihood(config), posterior,
+               classifier, conditional=config.conditional, num_data=num_data,
+               classifier_weight=config.classifier_weight, top_down=top_down, bottom_up=bottom_up,
+               ladder=posterior.top_down)
+
+
+def _top_prior(config, encoder: nn.Module, bottom_up: nn.ModuleList) -> nn.Module:
+    """p(z_L): --prior at the top layer's width; the VampPrior's q(z_L | u) is the top of the ladder's pass."""
+    top = dataclasses.replace(config, latent_dim=config.layer_dims()[-1])
+    return make_prior(top, lambda u: ladder_pass(encoder, bottom_up, u)[-1])

@@ -154,3 +154,46 @@ def make_nets(config, cond_dim: int = 0) -> tuple[Encoder, Decoder]:
     if config.init == "glorot":
         nets = tuple(glorot_(net) for net in nets)
     return nets
+
+
+class GaussianLayer(nn.Module):
+    """A small network for one conditional of a hierarchy: h (..., in_dim) -> loc, scale (..., out_dim).
+
+    Used for the generative p(z_l | z_{l+1}), the bottom-up guide's q(z_{l+1} | z_l), and the
+    ladder guide's deterministic rungs (there h is the rung below's (loc, log scale)).
+    """
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.Softplus(), nn.Linear(hidden_dim, 2 * out_dim))
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        loc, raw_scale = self.body(h).chunk(2, dim=-1)
+        return loc, F.softplus(raw_scale) + 1e-4  # floor keeps the log-densities finite
+
+
+def ladder_pass(encoder: Encoder, rungs: nn.ModuleList, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The ladder's deterministic bottom-up pass: (loc, scale) for z_1 (the encoder's) up to z_L (the rungs').
+
+    Each rung reads the (loc, log scale) of the rung below, so the pass is deterministic in x.
+    """
+    params = [encoder(x)]
+    for rung in rungs:
+        loc, scale = params[-1]
+        params.append(rung(torch.cat([loc, scale.log()], dim=-1)))
+    return params
+
+
+def make_hierarchy_nets(config) -> tuple[nn.ModuleList, nn.ModuleList]:
+    """The nets between stochastic layers: top-down p(z_l | z_{l+1}) and the guide's bottom-up ones, l = 1 .. L-1.
+
+    Bottom-up: q(z_{l+1} | z_l) for --guide normal/iaf, or the ladder's rungs from (loc, log scale) of z_l.
+    With one layer both lists are empty (and add no parameters).
+    """
+    dims, hidden = config.layer_dims(), config.layer_hidden_dim
+    top_down = nn.ModuleList(GaussianLayer(dims[l + 1], hidden, dims[l]) for l in range(len(dims) - 1))
+    up_in = 2 if config.guide == "ladder" else 1
+    bottom_up = nn.ModuleList(GaussianLayer(up_in * dims[l], hidden, dims[l + 1]) for l in range(len(dims) - 1))
+    if config.init == "glorot":
+        top_down, bottom_up = glorot_(top_down), glorot_(bottom_up)
+    return top_down, bottom_up

@@ -304,7 +304,43 @@ def posterior_comparison(run, images: torch.Tensor, labels=None, grids: list | N
     return fig
 
 
+@torch.no_grad()
+def hierarchy_samples(run, hold: str = "top", n: int = 8) -> torch.Tensor:
+    """Samples (n, n, 1, 28, 28) of a hierarchical run (--layers 2+): each row holds one part of the story, each
+    column redraws the other. hold="top": a row shares one z_L and every layer below is drawn afresh; hold="lower":
+    a row shares the noise eps_l of every layer below (z_l = loc + scale * eps_l) and each column draws a new z_L.
+    """
+    from pyro import poutine
+    from pyro.infer.reparam import LocScaleReparam
+
+    sites = run.vae.sites
+    if len(sites) < 2:
+        raise ValueError("this run has one stochastic layer; train with --layers 2 or more")
+    top = run.vae.prior().sample((n,))  # (n, width of z_L)
+    if hold == "top":
+        data = {sites[-1]: top[:, None].expand(n, n, -1)}
+    else:  # the lower layers' standard-normal noise, one per row, and one z_L per column
+        dims = run.config.layer_dims()
+        data = {sites[-1]: top[None].expand(n, n, -1),
+                **{f"{s}_decentered": torch.randn(n, 1, d, device=run.device).expand(n, n, d)
+                   for s, d in zip(sites[:-1], dims)}}
+    model = poutine.reparam(poutine.uncondition(run.vae.model),
+                            config={s: LocScaleReparam(centered=0.0) for s in sites[:-1]})
+    model = poutine.condition(model, data={k: v.reshape(n * n, -1) for k, v in data.items()})
+    template = torch.zeros(n * n, 1, 28, 28, device=run.device)  # only its shape is used
+    return poutine.trace(model).get_trace(template).nodes["x"]["fn"].mean.reshape(n, n, 1, 28, 28)
+
+
+def layer_controls(run, n: int = 8):
+    """What each layer of a hierarchical run controls: its top layer held along rows, then the layers below."""
+    top, below = run.vae.sites[-1], ", ".join(run.vae.sites[:-1])
+    return image_panels({f"each row one {top}; {below} redrawn": hierarchy_samples(run, "top", n).flatten(0, 1),
+                         f"each row one noise of {below}; {top} redrawn":
+                             hierarchy_samples(run, "lower", n).flatten(0, 1)}, nrow=n, panel_width=4.0)
+
+
 EVERY_RUN = ("training_curves.png", "samples.gif", "latent_scatter.png")
+HIERARCHICAL = ("layers.png",)
 UNCONDITIONAL = ("manifold.png", "interpolation.png")
 CONDITIONAL = ("digit_rows.png", "styles_from_prior.png", "styles_from_digits.png")
 PICTURES = EVERY_RUN + UNCONDITIONAL
@@ -344,6 +380,8 @@ def plot_run(run_dir: Path, out: Path | None = None, *, axes: tuple[int, int] | 
     if config.latent_dim >= 2:
         axes = tuple(axes or most_active_axes(run, images, labels))
         saved.append(_save(latent_manifold(run, axes), out / "manifold.png"))
+    if config.layers > 1:
+        saved.append(_save(layer_controls(run), out / "layers.png"))
     a, b = pair
     saved.append(_save(interpolation(run, data.test_images[a], data.test_images[b], y_a=data.test_labels[a],
                                      y_b=data.test_labels[b]), out / "interpolation.png"))
@@ -364,7 +402,8 @@ def main(argv=None) -> int:
         epilog=f"Pictures of every run: {', '.join(EVERY_RUN)}; of an unconditional run also "
                f"{', '.join(UNCONDITIONAL)}; of a label-conditioned run (--conditional) instead "
                f"{', '.join(CONDITIONAL)}: samples with one row per digit, and styles (drawn from the prior, "
-               "or of test digits) each written as every digit 0-9.",
+               "or of test digits) each written as every digit 0-9. A hierarchical run (--layers 2+) also has "
+               f"{', '.join(HIERARCHICAL)}: samples with the top layer held along each row, then the layers below.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("run", help="run directory or checkpoint file")
     parser.add_argument("--out", default=None, help="folder for the pictures (default: RUN/plots)")

@@ -85,6 +85,9 @@ class TrainedVAE:
         """Decode the posterior mean of each image: (B, 1, 28, 28); the CVAE uses labels y (or q(y | x))."""
         if self.config.conditional and y is None and self.vae.classifier is not None:
             y = self.classify(x)
+        if self.vae.ladder:  # the ladder's q(z | z2, x) merges the encoder's Gaussian with p(z | z2): the guide's mean
+            x = self._to(x).reshape(-1, *IMAGE_SHAPE)
+            return self.decode(poutine.trace(self.vae.guide).get_trace(x).nodes["z"]["fn"].mean)
         loc, _ = self.encode(x, y)
         return self.decode(loc, y)
 

@@ -87,11 +87,12 @@ def test_reconstruction_term_and_kl_match_their_closed_forms():
 
 
 @pytest.mark.parametrize("k, chunk", [(1, 1), (10, 3), (10, 10), (7, 100)])
-def test_exact_guide_gives_the_exact_value_for_any_k_and_chunking(k, chunk):
-    ppca = PPCA(exact_guide=True)
-    x = ppca.marginal().sample((5,))
-    estimates = importance_estimates(ppca, x, num_samples=k, chunk=chunk)
-    exact = ppca.marginal().log_prob(x)
+@pytest.mark.parametrize("story", ["PPCA", "LinearGaussianChain"])
+def test_exact_guide_gives_the_exact_value_for_any_k_and_chunking(story, k, chunk):
+    known = globals()[story](exact_guide=True)  # one latent layer, or two (z2 -> z -> x, as --layers 2 names them)
+    x = known.marginal().sample((5,))
+    estimates = importance_estimates(known, x, num_samples=k, chunk=chunk)
+    exact = known.marginal().log_prob(x)
     assert torch.allclose(estimates.log_px, exact, atol=1e-4)
     assert torch.allclose(estimates.elbo, exact, atol=1e-4)
 
@@ -206,3 +207,63 @@ def test_grid_posterior_and_importance_sampling_agree_on_a_2d_vae():
     by_sampling = importance_estimates(vae, x, num_samples=4000, chunk=1000).log_px
     assert torch.allclose(by_grid, by_sampling, atol=0.05)
     assert log_density.shape == (4, 121, 121)
+
+
+class LinearGaussianChain:
+    """z2 ~ N(0, I), z | z2 ~ N(A z2 + a, s^2 I), x | z ~ N(W z + b, sigma^2 I): log p(x) in closed form.
+
+    Site names as in the VAE ("z" next to x, "z2" above). The guide is bottom-up, q(z | x) q(z2 | z), like
+    --guide normal: deliberately off (widened and shifted), or with `exact_guide` the exact posterior
+    p(z | x) p(z2 | z) (z2 is independent of x given z), which makes every importance weight p(x).
+    """
+
+    def __init__(self, D=5, k1=3, k2=2, s=0.7, sigma=0.5, widen=1.3, shift=0.1, exact_guide=False):
+        gen = torch.Generator().manual_seed(0)
+        self.A, self.a = torch.randn(k1, k2, generator=gen), torch.randn(k1, generator=gen)
+        self.W, self.b = torch.randn(D, k1, generator=gen), torch.randn(D, generator=gen)
+        self.s, self.sigma, self.k2 = s, sigma, k2
+        self.z_cov = self.A @ self.A.T + s ** 2 * torch.eye(k1)  # of the marginal p(z)
+        self.z_post_cov = torch.linalg.inv(torch.linalg.inv(self.z_cov) + self.W.T @ self.W / sigma ** 2)
+        self.z2_post_cov = torch.linalg.inv(torch.eye(k2) + self.A.T @ self.A / s ** 2)
+        self.widen, self.shift, self.exact_guide = widen, shift, exact_guide
+
+    def marginal(self) -> dist.Distribution:
+        D = len(self.b)
+        return dist.MultivariateNormal(self.W @ self.a + self.b,
+                                       self.W @ self.z_cov @ self.W.T + self.sigma ** 2 * torch.eye(D))
+
+    def q_z(self, x) -> dist.Distribution:
+        loc = (torch.linalg.solve(self.z_cov, self.a) + (x - self.b) @ self.W / self.sigma ** 2) @ self.z_post_cov
+        if self.exact_guide:
+            return dist.MultivariateNormal(loc, self.z_post_cov)
+        return dist.MultivariateNormal(loc + self.shift, self.widen ** 2 * self.z_post_cov)
+
+    def q_z2(self, z) -> dist.Distribution:
+        loc = (z - self.a) @ self.A / self.s ** 2 @ self.z2_post_cov
+        if self.exact_guide:
+            return dist.MultivariateNormal(loc, self.z2_post_cov)
+        return dist.MultivariateNormal(loc - self.shift, self.widen ** 2 * self.z2_post_cov)
+
+    def model(self, x, y=None):
+        with pyro.plate("data", x.shape[0], dim=-1):
+            z2 = pyro.sample("z2", dist.Normal(torch.zeros(self.k2), 1.0).to_event(1))
+            z = pyro.sample("z", dist.Normal(z2 @ self.A.T + self.a, self.s).to_event(1))
+            pyro.sample("x", dist.Normal(z @ self.W.T + self.b, self.sigma).to_event(1), obs=x)
+
+    def guide(self, x, y=None):
+        with pyro.plate("data", x.shape[0], dim=-1):
+            z = pyro.sample("z", self.q_z(x))
+            pyro.sample("z2", self.q_z2(z))
+
+
+def test_importance_estimate_of_a_linear_gaussian_chain_converges_to_the_exact_log_marginal():
+    chain = LinearGaussianChain()
+    x = chain.marginal().sample((200,))
+    exact = chain.marginal().log_prob(x)
+    errors = []
+    for k in (1, 10, 100, 1000):
+        estimates = importance_estimates(chain, x, num_samples=k, chunk=128)
+        errors.append((exact - estimates.log_px).abs().mean().item())
+    assert errors[0] > errors[1] > errors[2] > errors[3]
+    assert errors[0] > 0.5 and errors[3] < 0.05
+    assert (estimates.elbo < exact).all()
