@@ -49,6 +49,10 @@ class Diverged(Exception):
     """The loss stopped being a finite number."""
 
 
+class ConfigError(Exception):
+    """A saved config that cannot run here (a value out of range, or a device this machine lacks)."""
+
+
 def make_run_dir(config: Config, overwrite: bool = False) -> Path:
     """The run directory (created); an existing run in it is an error unless overwrite."""
     out = Path(config.out or f"runs/{datetime.now():%Y%m%d-%H%M%S}").expanduser()
@@ -214,6 +218,9 @@ def resume(run_dir: str | Path) -> Path:
         config = Config.from_dict(state["config"])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{run_dir} holds a checkpoint of another version of pyro_vae: {e}") from e
+    problems = config.errors()  # what the command line checks for a new run: the machine may have changed
+    if problems:
+        raise ConfigError(f"--resume {run_dir}: its saved config cannot run here: {'; '.join(problems)}")
     return _fit(config, run_directory(run_dir), state, distributed.setup(torch.device(config.device).type))
 
 
@@ -324,6 +331,9 @@ def main(argv=None) -> int:
     except Interrupted as e:
         print(f"\npyro_vae: {e}", file=sys.stderr)
         return 128 + e.signum
+    except ConfigError as e:  # a bad value, like a bad flag
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except (DataError, RunDirError, CheckpointError, Diverged) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

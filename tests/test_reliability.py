@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 import pyro_vae
 from pyro_vae.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from pyro_vae.config import Config, parse_args
-from pyro_vae.train import Diverged, Interrupted, RunDirError, SVIStep, resume, train
+from pyro_vae.train import Diverged, Interrupted, RunDirError, SVIStep, main, resume, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -177,6 +177,20 @@ def test_resume_takes_no_other_flags(capsys):
         from pyro_vae.config import parse_command_line
         parse_command_line(["--resume", "runs/x", "--lr", "0.1"])
     assert info.value.code == 2 and "drop --lr" in capsys.readouterr().err
+
+
+def test_resume_of_a_run_whose_saved_device_this_machine_lacks_is_exit_2_with_one_line(small_config, monkeypatch,
+                                                                                      capsys):
+    run = train(dataclasses.replace(small_config, epochs=2, max_steps=1))
+    state = read_checkpoint(run)
+    state["config"]["device"] = "cuda"  # as if trained on a GPU machine
+    save_checkpoint(run / "checkpoint.pt", {k: v for k, v in state.items() if k != "format"})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # this machine: none, even where the tests have one
+    capsys.readouterr()
+    assert main(["--resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --resume") and err.count("\n") == 1 and "Traceback" not in err
+    assert "--device cuda was asked for" in err and "no CUDA device" in err
 
 
 def test_checkpoint_of_another_architecture_is_refused(small_config, tmp_path):
