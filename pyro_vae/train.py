@@ -180,7 +180,12 @@ def test_figures(trained: TrainedVAE, data) -> dict:
 
 def _end_of_epoch(trained: TrainedVAE, data, out: Path, epoch: int, step: int, losses: list[float],
                   seconds: float) -> dict:
-    """Evaluate, draw the epoch's pictures, print its line and append it to metrics.jsonl."""
+    """Evaluate, draw the epoch's pictures, print its line and append it to metrics.jsonl.
+
+    `train_objective` is the mean of what SVI maximized over the epoch, per image: the ELBO only with
+    --beta 1, no KL warm-up, no classifier term and --elbo trace or meanfield (--elbo iwae: the K-sample
+    bound). `test_elbo` is always the unweighted ELBO.
+    """
     config, vae = trained.config, trained.vae
     vae.eval()
     shown = data.test_images[:NUM_RECONSTRUCTIONS_SHOWN]
@@ -189,11 +194,11 @@ def _end_of_epoch(trained: TrainedVAE, data, out: Path, epoch: int, step: int, l
         plot.image_grid(trained.sample_grid(), out / "images" / f"samples_{epoch:03d}.png")
         reconstructions = trained.reconstruct(shown, data.test_labels[:NUM_RECONSTRUCTIONS_SHOWN])
         plot.reconstruction_grid(shown, reconstructions, out / "images" / f"recon_{epoch:03d}.png")
-    row = {"epoch": epoch, "step": step, "train_elbo": -sum(losses) / len(losses) / data.num_train, **figures,
+    row = {"epoch": epoch, "step": step, "train_objective": -sum(losses) / len(losses) / data.num_train, **figures,
            "seconds": seconds, "images_per_s": len(losses) * config.batch_size / seconds,
            "kl_weight": vae.kl_weight}
     accuracy = f"  accuracy {figures['test_accuracy']:.4f}" if "test_accuracy" in figures else ""
-    print(f"epoch {epoch:3d}/{config.epochs}  train ELBO {row['train_elbo']:9.2f}  "
+    print(f"epoch {epoch:3d}/{config.epochs}  train objective {row['train_objective']:9.2f}  "
           f"test ELBO {figures['test_elbo']:9.2f}{accuracy}  {seconds:6.1f} s  "
           f"{row['images_per_s']:7.0f} img/s", flush=True)
     with open(out / "metrics.jsonl", "a") as f:
@@ -293,7 +298,7 @@ def _loop(config: Config, out: Path, state: dict | None, ranks: distributed.Rank
                 step += 1
                 bar.update()
                 if i % 20 == 0:
-                    bar.set_postfix(elbo=f"{-sum(losses[-20:]) / len(losses[-20:]) / data.num_train:.2f}")
+                    bar.set_postfix(objective=f"{-sum(losses[-20:]) / len(losses[-20:]) / data.num_train:.2f}")
                 if stop.signum is not None and i + 1 < len(plan):
                     bar.close()
                     if ranks.is_main:

@@ -33,9 +33,9 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(data_di
     rows_two, rows_one = _metrics(tmp_path / "two"), _metrics(tmp_path / "one")
     assert [r["step"] for r in rows_two] == [r["step"] for r in rows_one] == [64, 128, 192]
     for a, b in zip(rows_two, rows_one):
-        assert a["train_elbo"] == pytest.approx(b["train_elbo"], rel=TOLERANCE)
+        assert a["train_objective"] == pytest.approx(b["train_objective"], rel=TOLERANCE)
         assert a["test_elbo"] == pytest.approx(b["test_elbo"], rel=TOLERANCE)
-    assert rows_two[-1]["train_elbo"] > rows_two[0]["train_elbo"] + 30  # and it learns
+    assert rows_two[-1]["train_objective"] > rows_two[0]["train_objective"] + 30  # and it learns
 
 
 def test_global_batch_must_split_evenly_among_processes(monkeypatch, capsys):

@@ -64,7 +64,7 @@ def test_sigterm_mid_epoch_then_resume_ends_with_the_same_parameters(small_confi
     rows = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     expected = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
     assert [r["test_elbo"] for r in rows] == [r["test_elbo"] for r in expected]
-    assert [r["train_elbo"] for r in rows] == pytest.approx([r["train_elbo"] for r in expected])
+    assert [r["train_objective"] for r in rows] == pytest.approx([r["train_objective"] for r in expected])
 
 
 def test_cli_sigterm_in_a_subprocess_checkpoints_and_resumes_exactly(data_dir, tmp_path):
