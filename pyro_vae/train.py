@@ -86,6 +86,16 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def _own_rng_state(saved: dict | list[dict], ranks: distributed.Ranks, path: Path) -> dict:
+    """This rank's streams from a checkpoint, which holds one per rank (before, one dict: rank 0's)."""
+    if isinstance(saved, dict):
+        return saved
+    if len(saved) != ranks.world:
+        raise CheckpointError(f"{path} was saved by {len(saved)} training process(es); resume it with as many "
+                              f"(now {ranks.world}), so that each one continues its own random stream")
+    return saved[ranks.rank]
+
+
 class _StopRequest:
     """Turns SIGINT/SIGTERM into a flag the loop checks after each step; a second signal stops at once."""
 
@@ -262,15 +272,15 @@ def _loop(config: Config, out: Path, state: dict | None, ranks: distributed.Rank
     if state is not None:
         vae.load_state_dict(state["model"])
         svi.load_state(state["optimizer"], out)
-        _set_rng_state(state["rng"], device)
+        _set_rng_state(_own_rng_state(state["rng"], ranks, out), device)
         epoch, step, best = state["epoch"] + 1, state["step"], state.get("best_test_elbo", -math.inf)
         if state.get("plan") is not None:  # interrupted inside an epoch: finish that epoch's plan
             plan = [(idx.to(device), labelled) for idx, labelled in zip(state["plan"], state["plan_labelled"])]
             position, losses = state["position"], list(state["epoch_losses"])
 
-    def checkpoint(epochs_done: int, **extra) -> dict:
+    def checkpoint(epochs_done: int, rng: list[dict], **extra) -> dict:
         snapshot = {"config": config.to_dict(), "epoch": epochs_done, "step": step,
-                    "model": vae.state_dict(), "optimizer": svi.optimizer.state_dict(), "rng": _rng_state(device),
+                    "model": vae.state_dict(), "optimizer": svi.optimizer.state_dict(), "rng": rng,
                     "param_store": {name: p.detach() for name, p in pyro.get_param_store().items()},
                     "best_test_elbo": best, **extra}
         save_checkpoint(out / CHECKPOINT_NAME, snapshot)
@@ -301,18 +311,20 @@ def _loop(config: Config, out: Path, state: dict | None, ranks: distributed.Rank
                     bar.set_postfix(objective=f"{-sum(losses[-20:]) / len(losses[-20:]) / data.num_train:.2f}")
                 if stop.signum is not None and i + 1 < len(plan):
                     bar.close()
+                    rng = distributed.all_gather(_rng_state(device), ranks)  # each rank resumes its own stream
                     if ranks.is_main:
-                        checkpoint(epoch - 1, plan=[idx.cpu() for idx, _ in plan],
+                        checkpoint(epoch - 1, rng, plan=[idx.cpu() for idx, _ in plan],
                                    plan_labelled=[lab for _, lab in plan], position=i + 1, epoch_losses=losses)
                     raise Interrupted(out, stop.signum)
                 if step == config.max_steps:
                     break
             bar.close()
             seconds = time.perf_counter() - start
+            rng = distributed.all_gather(_rng_state(device), ranks)
             if ranks.is_main:  # evaluation, pictures and checkpoints are rank 0's
                 figures = _end_of_epoch(trained, data, out, epoch, step, losses, seconds)
                 improved, best = figures["test_elbo"] > best, max(best, figures["test_elbo"])
-                snapshot = checkpoint(epoch)
+                snapshot = checkpoint(epoch, rng)
                 if improved:
                     save_checkpoint(out / BEST_NAME, snapshot)
             if stop.signum is not None:

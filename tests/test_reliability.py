@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -57,10 +58,16 @@ def test_sigterm_mid_epoch_then_resume_ends_with_the_same_parameters(small_confi
     assert "--resume" in str(info.value)
     state = read_checkpoint(tmp_path / "cut")
     assert state["epoch"] == 1 and state["step"] == 11 and state["position"] == 3
+    assert len(state["rng"]) == 1  # one random state per process
     monkeypatch.undo()
+    older = tmp_path / "older"  # the same checkpoint as older versions wrote it: one random state, not a list
+    shutil.copytree(tmp_path / "cut", older)
+    save_checkpoint(older / "checkpoint.pt", {**{k: v for k, v in state.items() if k != "format"},
+                                              "rng": state["rng"][0]})
 
     resumed = resume(tmp_path / "cut")
     _assert_same_weights(_final_weights(whole), _final_weights(resumed))
+    _assert_same_weights(_final_weights(whole), _final_weights(resume(older)))
     rows = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     expected = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
     assert [r["test_elbo"] for r in rows] == [r["test_elbo"] for r in expected]
