@@ -122,15 +122,6 @@ def test_metrics_of_older_runs_with_train_elbo_still_read_and_plot(tmp_path):
     assert list(train_line.get_ydata()) == [-200.0, -150.0]
 
 
-def test_metrics_of_older_runs_with_train_elbo_still_read_and_plot(tmp_path):
-    rows = [{"epoch": 1, "step": 4, "train_elbo": -200.0, "test_elbo": -190.0},
-            {"epoch": 2, "step": 8, "train_elbo": -150.0, "test_elbo": -148.0}]
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert [r["train_objective"] for r in plot.read_metrics(tmp_path)] == [-200.0, -150.0]
-    train_line, _ = plot.training_curves(tmp_path).axes[0].get_lines()
-    assert list(train_line.get_ydata()) == [-200.0, -150.0]
-
-
 def test_posterior_pictures_draw_for_a_2d_run(run_2d, test_set):
     run, (x, y) = pyro_vae.load(run_2d), test_set
     fig = plot.posterior_comparison(run, x[:2], y[:2], coarse=21, fine=21)
