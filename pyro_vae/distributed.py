@@ -37,9 +37,12 @@ def setup(device_type: str) -> Ranks:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Ranks()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank)  # NCCL's object collectives (all_gather below) use the current device
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
-    return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    return Ranks(dist.get_rank(), dist.get_world_size(), local_rank)
 
 
 def teardown(ranks: Ranks) -> None:
@@ -52,6 +55,15 @@ def broadcast_parameters(module: torch.nn.Module, ranks: Ranks) -> None:
     if ranks.active:
         for tensor in module.state_dict().values():
             dist.broadcast(tensor, src=0)
+
+
+def all_gather(obj, ranks: Ranks) -> list:
+    """obj from every rank, in rank order; every rank must call this at the same point."""
+    if not ranks.active:
+        return [obj]
+    gathered = [None] * ranks.world
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def average_gradients(params: list[torch.Tensor], loss: float, ranks: Ranks, stop) -> float:

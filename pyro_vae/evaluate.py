@@ -42,6 +42,19 @@ def _likelihood_log_prob(trace) -> torch.Tensor:
     return trace.nodes["x"]["unscaled_log_prob"]
 
 
+def _latent_log_ratio(model_trace, guide_trace) -> torch.Tensor:
+    """log q(z | x) - log p(z) at the drawn z, from the latent sites z (z2, ... in a hierarchy) alone.
+
+    Its mean over z ~ q is KL(q(z | x) || p(z)); for the label-conditioned model KL(q(z | x, y) || p(z | y)),
+    leaving out the label's own terms log p(y) (and, where y is inferred, log q(y | x)). The traces' log-probs
+    are computed.
+    """
+    latents = [name for name, site in guide_trace.nodes.items()
+               if site["type"] == "sample" and not site_is_subsample(site) and name != "y"]
+    return sum(guide_trace.nodes[name]["unscaled_log_prob"] - model_trace.nodes[name]["unscaled_log_prob"]
+               for name in latents)
+
+
 def _traces(model_guide, x: torch.Tensor, y: torch.Tensor | None, num_samples: int):
     """Guide trace and the model trace replayed on it, num_samples draws of z vectorized in a plate at dim -2."""
     with pyro.plate("samples", num_samples, dim=-2):
@@ -75,28 +88,30 @@ class Estimates(NamedTuple):
     log_px: torch.Tensor  # log (1/K) sum_k w_k: the importance-sampled log p(x), a lower bound that tightens with K
     elbo: torch.Tensor  # (1/K) sum_k log w_k: the ELBO, averaged over the same K draws
     reconstruction: torch.Tensor  # (1/K) sum_k log p(x | z_k): the reconstruction term of the ELBO
+    kl: torch.Tensor  # (1/K) sum_k log q(z_k | x) - log p(z_k): the KL term of the ELBO, from the z sites alone
 
 
 @torch.no_grad()
 def importance_estimates(model_guide, x: torch.Tensor, y: torch.Tensor | None = None, num_samples: int = 1000,
                          chunk: int = 100) -> Estimates:
-    """log p(x), ELBO and reconstruction term of each image from num_samples draws of z ~ q(z | x).
+    """log p(x), ELBO, reconstruction and KL term of each image from num_samples draws of z ~ q(z | x).
 
     model_guide is anything with `.model(x, y)` and `.guide(x, y)` whose data plate is at dim -1; the draws
     are made `chunk` at a time and combined with a running logsumexp, so memory does not grow with K.
     """
-    running = elbo = reconstruction = None
+    running = sums = None
     for start in range(0, num_samples, chunk):
         n = min(chunk, num_samples - start)
         model_trace, guide_trace = _traces(model_guide, x, y, n)
         log_w = (_log_prob(model_trace) - _log_prob(guide_trace)).reshape(n, -1)  # (n, B)
-        log_lik = _likelihood_log_prob(model_trace).expand_as(log_w)  # computed by _log_prob above
-        lse, w_sum, ll_sum = log_w.logsumexp(0), log_w.sum(0), log_lik.sum(0)
+        terms = [log_w, _likelihood_log_prob(model_trace),  # site log-probs computed by _log_prob above
+                 _latent_log_ratio(model_trace, guide_trace)]
+        chunk_sums = [t.expand_as(log_w).sum(0) for t in terms]  # elbo, reconstruction, kl: (B,) each
         if running is None:
-            running, elbo, reconstruction = lse, w_sum, ll_sum
+            running, sums = log_w.logsumexp(0), chunk_sums
         else:
-            running, elbo, reconstruction = torch.logaddexp(running, lse), elbo + w_sum, reconstruction + ll_sum
-    return Estimates(running - math.log(num_samples), elbo / num_samples, reconstruction / num_samples)
+            running, sums = torch.logaddexp(running, log_w.logsumexp(0)), [a + b for a, b in zip(sums, chunk_sums)]
+    return Estimates(running - math.log(num_samples), *(total / num_samples for total in sums))
 
 
 @torch.no_grad()
@@ -262,7 +277,7 @@ def evaluate_run(run, *, k: int = 1000, limit: int = 0, batch_size: int = 100, c
         images, labels = images[:limit], labels[:limit]
     labels_observed = getattr(run, "labels_observed", False)  # the label-conditioned model is told y
 
-    per_image = {"log_px": [], "elbo": [], "reconstruction": []}
+    per_image = {name: [] for name in Estimates._fields}
     locs, kls, layers = [], [], []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
         torch.manual_seed(seed)
@@ -282,8 +297,16 @@ def evaluate_run(run, *, k: int = 1000, limit: int = 0, batch_size: int = 100, c
             bar.update(len(x))
         bar.close()
 
-    log_px, elbo, reconstruction = (torch.cat(per_image[name]).double().cpu()
-                                    for name in ("log_px", "elbo", "reconstruction"))
+    log_px, elbo, reconstruction, kl = (torch.cat(per_image[name]).double().cpu() for name in Estimates._fields)
+    # ELBO = reconstruction - KL + the label's terms: log p(y) where y is observed (log 1/10),
+    # E_q[log p(y) - log q(y | x)] = -KL(q(y | x) || p(y)) where q(y | x) infers it, nothing without a label
+    label_terms = elbo - reconstruction + kl
+    if not config.conditional:
+        label = {}
+    elif labels_observed:
+        label = {"log_py": _summary(label_terms)}
+    else:
+        label = {"kl_y": _summary(-label_terms)}
     loc = torch.cat(locs).double().cpu()
     mean_variance = loc.var(dim=0) if len(loc) > 1 else torch.zeros(loc.shape[1], dtype=loc.dtype)
     active = mean_variance > ACTIVE_UNIT_THRESHOLD
@@ -291,12 +314,14 @@ def evaluate_run(run, *, k: int = 1000, limit: int = 0, batch_size: int = 100, c
         "run": path or config.out, "epoch": run.epoch,
         "k": k, "num_images": len(images), "num_test_images": len(data.test_images),
         "seed": seed, "device": str(device), "batch_size": batch_size, "chunk": chunk,
-        "latent_dim": config.latent_dim, "binarize": config.binarize, "labels_observed": labels_observed,
+        "latent_dim": config.latent_dim, "binarize": config.binarize, "conditional": config.conditional,
+        "labels_observed": labels_observed,
         "prior": config.prior, "likelihood": config.likelihood, "guide": config.guide,
         "elbo": _summary(elbo),
         "log_px": _summary(log_px),
-        "reconstruction": _summary(reconstruction),  # E_q[log p(x | z)]
-        "kl": _summary(reconstruction - elbo),  # KL(q(z | x) || p(z)) for whatever prior the model has
+        "reconstruction": _summary(reconstruction),  # E_q[log p(x | z)] (conditional: log p(x | z, y))
+        "kl": _summary(kl),  # KL(q(z | x) || p(z)) for whatever prior; conditional: KL(q(z | x, y) || p(z | y))
+        **label,
         "gap": _summary(log_px - elbo),  # how far the K-sample bound rises above the ELBO
         "kl_per_dim_to_standard_normal": torch.cat(kls).double().mean(0).cpu().tolist(),
         "posterior_mean_variance": mean_variance.tolist(),
@@ -321,13 +346,17 @@ def format_table(results: dict) -> str:
     ]
     # told the test labels, the label-conditioned model's figures are of the joint: log p(x, y) <= log p(x)
     joint = "x, y" if r.get("labels_observed") else "x"
+    conditional = r.get("conditional")
     rows = [
-        ("test ELBO", "elbo"),
+        (f"test ELBO of log p({joint})", "elbo"),
         (f"log p({joint}), importance-sampled (K = {r['k']})", "log_px"),
-        ("reconstruction E_q[log p(x|z)]", "reconstruction"),
-        ("KL(q(z|x) || p(z)) = reconstruction - ELBO", "kl"),
+        ("reconstruction E_q[log p(x|z,y)]" if conditional else "reconstruction E_q[log p(x|z)]", "reconstruction"),
+        ("KL(q(z|x,y) || p(z|y))" if conditional else "KL(q(z|x) || p(z))", "kl"),
+        ("log p(y) of the observed label", "log_py"),
+        ("KL(q(y|x) || p(y))", "kl_y"),
         (f"log p({joint}) - ELBO", "gap"),
     ]
+    rows = [(label, key) for label, key in rows if key in r]
     for label, key in rows:
         lines.append(f"  {label:42s} {r[key]['mean']:9.2f} {r[key]['stderr']:9.2f}")
     if r["guide"] == "delta":

@@ -37,9 +37,17 @@ def reconstruction_grid(originals: torch.Tensor, reconstructions: torch.Tensor, 
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    """The rows of a run's metrics.jsonl, one dict per epoch."""
+    """The rows of a run's metrics.jsonl, one dict per epoch.
+
+    Runs written before the training figure was named `train_objective` call it `train_elbo`; it is
+    renamed here, since it was the weighted objective there too.
+    """
     path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    for row in rows:
+        if "train_elbo" in row and "train_objective" not in row:
+            row["train_objective"] = row.pop("train_elbo")
+    return rows
 
 
 def _figure(width: float, height: float):
@@ -81,15 +89,15 @@ def image_table(grid: torch.Tensor, columns: list[str] | None = None, rows: list
 
 
 def training_curves(run_dir: Path):
-    """Train and test ELBO per epoch, from the run's metrics file."""
+    """The training objective and the test ELBO per epoch, from the run's metrics file."""
     rows = read_metrics(run_dir)
     fig = _figure(6, 4)
     ax = fig.add_subplot()
     epochs = [r["epoch"] for r in rows]
-    ax.plot(epochs, [r["train_elbo"] for r in rows], "o-", label="train ELBO")
+    ax.plot(epochs, [r["train_objective"] for r in rows], "o-", label="train objective")
     ax.plot(epochs, [r["test_elbo"] for r in rows], "s-", label="test ELBO")
     ax.set_xlabel("epoch")
-    ax.set_ylabel("ELBO (nats per image)")
+    ax.set_ylabel("nats per image")
     ax.grid(alpha=0.3)
     ax.legend()
     return fig

@@ -48,6 +48,10 @@ class Diverged(Exception):
     """The loss stopped being a finite number."""
 
 
+class ConfigError(Exception):
+    """A saved config that cannot run here (a value out of range, or a device this machine lacks)."""
+
+
 def make_run_dir(config: Config, overwrite: bool = False) -> Path:
     """The run directory (created); an existing run in it is an error unless overwrite."""
     out = Path(config.out or f"runs/{datetime.now():%Y%m%d-%H%M%S}").expanduser()
@@ -79,6 +83,16 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _own_rng_state(saved: dict | list[dict], ranks: distributed.Ranks, path: Path) -> dict:
+    """This rank's streams from a checkpoint, which holds one per rank (before, one dict: rank 0's)."""
+    if isinstance(saved, dict):
+        return saved
+    if len(saved) != ranks.world:
+        raise CheckpointError(f"{path} was saved by {len(saved)} training process(es); resume it with as many "
+                              f"(now {ranks.world}), so that each one continues its own random stream")
+    return saved[ranks.rank]
 
 
 class _StopRequest:
@@ -163,7 +177,12 @@ def test_figures(trained: TrainedVAE, data) -> dict:
 
 def _end_of_epoch(trained: TrainedVAE, data, out: Path, epoch: int, step: int, losses: list[float],
                   seconds: float) -> dict:
-    """Evaluate, draw the epoch's pictures, print its line and append it to metrics.jsonl."""
+    """Evaluate, draw the epoch's pictures, print its line and append it to metrics.jsonl.
+
+    `train_objective` is the mean of what SVI maximized over the epoch, per image: the ELBO only with
+    --beta 1, no KL warm-up, no classifier term and --elbo trace or meanfield (--elbo iwae: the K-sample
+    bound). `test_elbo` is always the unweighted ELBO.
+    """
     config, vae = trained.config, trained.vae
     vae.eval()
     shown = data.test_images[:NUM_RECONSTRUCTIONS_SHOWN]
@@ -172,11 +191,11 @@ def _end_of_epoch(trained: TrainedVAE, data, out: Path, epoch: int, step: int, l
         plot.image_grid(trained.sample_grid(), out / "images" / f"samples_{epoch:03d}.png")
         reconstructions = trained.reconstruct(shown, data.test_labels[:NUM_RECONSTRUCTIONS_SHOWN])
         plot.reconstruction_grid(shown, reconstructions, out / "images" / f"recon_{epoch:03d}.png")
-    row = {"epoch": epoch, "step": step, "train_elbo": -sum(losses) / len(losses) / data.num_train, **figures,
+    row = {"epoch": epoch, "step": step, "train_objective": -sum(losses) / len(losses) / data.num_train, **figures,
            "seconds": seconds, "images_per_s": len(losses) * config.batch_size / seconds,
            "kl_weight": vae.kl_weight}
     accuracy = f"  accuracy {figures['test_accuracy']:.4f}" if "test_accuracy" in figures else ""
-    print(f"epoch {epoch:3d}/{config.epochs}  train ELBO {row['train_elbo']:9.2f}  "
+    print(f"epoch {epoch:3d}/{config.epochs}  train objective {row['train_objective']:9.2f}  "
           f"test ELBO {figures['test_elbo']:9.2f}{accuracy}  {seconds:6.1f} s  "
           f"{row['images_per_s']:7.0f} img/s", flush=True)
     with open(out / "metrics.jsonl", "a") as f:
@@ -201,6 +220,9 @@ def resume(run_dir: str | Path) -> Path:
         config = Config.from_dict(state["config"])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{run_dir} holds a checkpoint of another version of pyro_vae: {e}") from e
+    problems = config.errors()  # what the command line checks for a new run: the machine may have changed
+    if problems:
+        raise ConfigError(f"--resume {run_dir}: its saved config cannot run here: {'; '.join(problems)}")
     return _fit(config, run_directory(run_dir), state, distributed.setup(torch.device(config.device).type))
 
 
@@ -237,15 +259,15 @@ def _loop(config: Config, out: Path, state: dict | None, ranks: distributed.Rank
     if state is not None:
         vae.load_state_dict(state["model"])
         svi.load_state(state["optimizer"], out)
-        _set_rng_state(state["rng"], device)
+        _set_rng_state(_own_rng_state(state["rng"], ranks, out), device)
         epoch, step, best = state["epoch"] + 1, state["step"], state.get("best_test_elbo", -math.inf)
         if state.get("plan") is not None:  # interrupted inside an epoch: finish that epoch's plan
             plan = [(idx.to(device), labelled) for idx, labelled in zip(state["plan"], state["plan_labelled"])]
             position, losses = state["position"], list(state["epoch_losses"])
 
-    def checkpoint(epochs_done: int, **extra) -> dict:
+    def checkpoint(epochs_done: int, rng: list[dict], **extra) -> dict:
         snapshot = {"config": config.to_dict(), "epoch": epochs_done, "step": step,
-                    "model": vae.state_dict(), "optimizer": svi.optimizer.state_dict(), "rng": _rng_state(device),
+                    "model": vae.state_dict(), "optimizer": svi.optimizer.state_dict(), "rng": rng,
                     "param_store": {name: p.detach() for name, p in pyro.get_param_store().items()},
                     "best_test_elbo": best, **extra}
         save_checkpoint(out / CHECKPOINT_NAME, snapshot)
@@ -273,21 +295,23 @@ def _loop(config: Config, out: Path, state: dict | None, ranks: distributed.Rank
                 step += 1
                 bar.update()
                 if i % 20 == 0:
-                    bar.set_postfix(elbo=f"{-sum(losses[-20:]) / len(losses[-20:]) / data.num_train:.2f}")
+                    bar.set_postfix(objective=f"{-sum(losses[-20:]) / len(losses[-20:]) / data.num_train:.2f}")
                 if stop.signum is not None and i + 1 < len(plan):
                     bar.close()
+                    rng = distributed.all_gather(_rng_state(device), ranks)  # each rank resumes its own stream
                     if ranks.is_main:
-                        checkpoint(epoch - 1, plan=[idx.cpu() for idx, _ in plan],
+                        checkpoint(epoch - 1, rng, plan=[idx.cpu() for idx, _ in plan],
                                    plan_labelled=[lab for _, lab in plan], position=i + 1, epoch_losses=losses)
                     raise Interrupted(out, stop.signum)
                 if step == config.max_steps:
                     break
             bar.close()
             seconds = time.perf_counter() - start
+            rng = distributed.all_gather(_rng_state(device), ranks)
             if ranks.is_main:  # evaluation, pictures and checkpoints are rank 0's
                 figures = _end_of_epoch(trained, data, out, epoch, step, losses, seconds)
                 improved, best = figures["test_elbo"] > best, max(best, figures["test_elbo"])
-                snapshot = checkpoint(epoch)
+                snapshot = checkpoint(epoch, rng)
                 if improved:
                     save_checkpoint(out / BEST_NAME, snapshot)
             if stop.signum is not None:
@@ -311,6 +335,9 @@ def main(argv=None) -> int:
     except Interrupted as e:
         print(f"\npyro_vae: {e}", file=sys.stderr)
         return 128 + e.signum
+    except ConfigError as e:  # a bad value, like a bad flag
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except (DataError, RunDirError, CheckpointError, Diverged) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

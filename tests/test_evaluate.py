@@ -1,6 +1,8 @@
 """Evaluation: the importance-sampled log p(x) against an exact value, the grid posterior, evaluate_run and its CLI."""
 
+import dataclasses
 import json
+import math
 
 import pyro
 import pyro.distributions as dist
@@ -267,3 +269,29 @@ def test_importance_estimate_of_a_linear_gaussian_chain_converges_to_the_exact_l
     assert errors[0] > errors[1] > errors[2] > errors[3]
     assert errors[0] > 0.5 and errors[3] < 0.05
     assert (estimates.elbo < exact).all()
+
+
+def test_kl_of_a_label_observed_cvae_is_the_z_sites_kl_without_log_p_y(small_config):
+    """The CVAE told y: ELBO = E_q[log p(x | z, y)] - KL(q(z | x, y) || p(z | y)) + log p(y), with log p(y) = -log 10."""
+    from pyro_vae import load
+    from pyro_vae.data import load_mnist
+    from pyro_vae.config import NUM_CLASSES
+    from pyro_vae.train import train
+
+    run = load(train(dataclasses.replace(small_config, conditional=True, epochs=1, max_steps=2)))
+    assert run.labels_observed
+    with torch.no_grad():  # a mean per digit far from 0, so that p(z | y) depends on y
+        run.vae.prior.class_means.copy_(torch.randn(NUM_CLASSES, small_config.latent_dim))
+    results = evaluate_run(run, k=500, limit=64, batch_size=32, chunk=250, seed=2, progress=False)
+
+    data = load_mnist(small_config.data_dir, binarize=small_config.binarize, test_size=small_config.test_size)
+    x, y = data.test_images[:64], data.test_labels[:64]
+    q = run.vae.posterior(*run.vae.encoder(x, run.vae._one_hot(y)))  # q(z | x, y), batch (64,)
+    closed_form = torch.distributions.kl_divergence(q, run.vae.prior(y)).mean().item()
+    assert results["kl"]["mean"] == pytest.approx(closed_form, abs=0.05)
+    assert results["log_py"]["mean"] == pytest.approx(-math.log(NUM_CLASSES), abs=1e-4)
+    total = results["reconstruction"]["mean"] - results["kl"]["mean"] + results["log_py"]["mean"]
+    assert total == pytest.approx(results["elbo"]["mean"], abs=1e-3)
+    table = format_table(results)
+    assert "KL(q(z|x,y) || p(z|y))" in table and "log p(y) of the observed label" in table
+    assert "test ELBO of log p(x, y)" in table

@@ -103,14 +103,24 @@ def test_training_curves_and_gif_come_from_the_run_files(run_2d):
     rows = [json.loads(line) for line in (run_2d / "metrics.jsonl").read_text().splitlines()]
     fig = plot.training_curves(run_2d)
     train_line, test_line = fig.axes[0].get_lines()
-    assert list(train_line.get_ydata()) == [r["train_elbo"] for r in rows]
+    assert list(train_line.get_ydata()) == [r["train_objective"] for r in rows]
     assert list(test_line.get_ydata()) == [r["test_elbo"] for r in rows]
+    assert train_line.get_label() == "train objective"
 
     gif = plot.samples_gif(run_2d, run_2d / "samples.gif")
     with Image.open(gif) as image:
         assert image.format == "GIF" and image.n_frames == 2
         grid = Image.open(run_2d / "images" / "samples_001.png")
         assert image.size == (grid.width, grid.height + 16)  # the grid under a label strip
+
+
+def test_metrics_of_older_runs_with_train_elbo_still_read_and_plot(tmp_path):
+    rows = [{"epoch": 1, "step": 4, "train_elbo": -200.0, "test_elbo": -190.0},
+            {"epoch": 2, "step": 8, "train_elbo": -150.0, "test_elbo": -148.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [r["train_objective"] for r in plot.read_metrics(tmp_path)] == [-200.0, -150.0]
+    train_line, _ = plot.training_curves(tmp_path).axes[0].get_lines()
+    assert list(train_line.get_ydata()) == [-200.0, -150.0]
 
 
 def test_posterior_pictures_draw_for_a_2d_run(run_2d, test_set):

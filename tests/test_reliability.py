@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from hypothesis import strategies as st
 import pyro_vae
 from pyro_vae.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from pyro_vae.config import Config, parse_args
-from pyro_vae.train import Diverged, Interrupted, RunDirError, SVIStep, resume, train
+from pyro_vae.train import Diverged, Interrupted, RunDirError, SVIStep, main, resume, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,14 +58,20 @@ def test_sigterm_mid_epoch_then_resume_ends_with_the_same_parameters(small_confi
     assert "--resume" in str(info.value)
     state = read_checkpoint(tmp_path / "cut")
     assert state["epoch"] == 1 and state["step"] == 11 and state["position"] == 3
+    assert len(state["rng"]) == 1  # one random state per process
     monkeypatch.undo()
+    older = tmp_path / "older"  # the same checkpoint as older versions wrote it: one random state, not a list
+    shutil.copytree(tmp_path / "cut", older)
+    save_checkpoint(older / "checkpoint.pt", {**{k: v for k, v in state.items() if k != "format"},
+                                              "rng": state["rng"][0]})
 
     resumed = resume(tmp_path / "cut")
     _assert_same_weights(_final_weights(whole), _final_weights(resumed))
+    _assert_same_weights(_final_weights(whole), _final_weights(resume(older)))
     rows = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     expected = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
     assert [r["test_elbo"] for r in rows] == [r["test_elbo"] for r in expected]
-    assert [r["train_elbo"] for r in rows] == pytest.approx([r["train_elbo"] for r in expected])
+    assert [r["train_objective"] for r in rows] == pytest.approx([r["train_objective"] for r in expected])
 
 
 def test_cli_sigterm_in_a_subprocess_checkpoints_and_resumes_exactly(data_dir, tmp_path):
@@ -177,6 +184,20 @@ def test_resume_takes_no_other_flags(capsys):
         from pyro_vae.config import parse_command_line
         parse_command_line(["--resume", "runs/x", "--lr", "0.1"])
     assert info.value.code == 2 and "drop --lr" in capsys.readouterr().err
+
+
+def test_resume_of_a_run_whose_saved_device_this_machine_lacks_is_exit_2_with_one_line(small_config, monkeypatch,
+                                                                                      capsys):
+    run = train(dataclasses.replace(small_config, epochs=2, max_steps=1))
+    state = read_checkpoint(run)
+    state["config"]["device"] = "cuda"  # as if trained on a GPU machine
+    save_checkpoint(run / "checkpoint.pt", {k: v for k, v in state.items() if k != "format"})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # this machine: none, even where the tests have one
+    capsys.readouterr()
+    assert main(["--resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --resume") and err.count("\n") == 1 and "Traceback" not in err
+    assert "--device cuda was asked for" in err and "no CUDA device" in err
 
 
 def test_checkpoint_of_another_architecture_is_refused(small_config, tmp_path):

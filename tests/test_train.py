@@ -31,7 +31,7 @@ def test_short_training_run_lowers_the_loss(small_config):
     run = train(config)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3]
-    assert rows[-1]["train_elbo"] > rows[0]["train_elbo"] + 20
+    assert rows[-1]["train_objective"] > rows[0]["train_objective"] + 20
     assert rows[-1]["test_elbo"] > rows[0]["test_elbo"]
 
 
@@ -115,7 +115,8 @@ def test_cli_smoke_run_writes_every_artefact(data_dir, tmp_path):
     assert "latent_dim" in result.stdout and "test ELBO" in result.stdout  # config printed, epoch line
     assert json.loads((out / "config.json").read_text())["latent_dim"] == 2
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
-    assert set(row) >= {"epoch", "step", "train_elbo", "test_elbo", "seconds", "images_per_s"} and row["step"] == 5
+    assert set(row) >= {"epoch", "step", "train_objective", "test_elbo", "seconds", "images_per_s"}
+    assert row["step"] == 5
     for name in ("checkpoint.pt", "loss.png", "images/samples_001.png", "images/recon_001.png"):
         assert (out / name).stat().st_size > 0, name
     assert pyro_vae.load(out).config.latent_dim == 2
@@ -142,3 +143,23 @@ def test_cli_exits_2_without_traceback_on_a_bad_flag(tmp_path):
     assert result.returncode == 2
     assert "--epochs must be at least 1" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_under_beta_4_the_epoch_figure_is_the_weighted_objective_and_says_so(data_dir, tmp_path, monkeypatch,
+                                                                                capsys):
+    """--beta 4 trains on E[log p(x | z)] - 4 KL: the figure is the mean of that, named as the objective."""
+    real_step, losses = SVIStep.step, []
+
+    def recording_step(self, *args, **kwargs):
+        losses.append(real_step(self, *args, **kwargs))  # -(objective) of the batch, scaled to all 512 images
+        return losses[-1]
+
+    monkeypatch.setattr(SVIStep, "step", recording_step)
+    run = tmp_path / "beta4"
+    assert main(["--beta", "4", "--epochs", "1", "--batch-size", "64", "--train-size", "512", "--test-size", "64",
+                 "--latent-dim", "4", "--conv-channels", "8", "16", "--data-dir", str(data_dir), "--device", "cpu",
+                 "--out", str(run)]) == 0
+    row = json.loads((run / "metrics.jsonl").read_text())
+    assert "train_elbo" not in row  # the weighted objective is not the ELBO
+    assert len(losses) == 8 and row["train_objective"] == pytest.approx(-sum(losses) / 8 / 512, rel=1e-12)
+    assert f"train objective {row['train_objective']:9.2f}" in capsys.readouterr().out
