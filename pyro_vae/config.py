@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -109,6 +110,9 @@ class Config:
             meta, value, flag = f.metadata, getattr(self, f.name), _flag(f.name)
             values = value if isinstance(value, tuple) else (value,)
             for v in values:
+                if isinstance(v, float) and not math.isfinite(v):  # nan passes every comparison below
+                    problems.append(f"{flag} must be a finite number, not {v}")
+                    continue
                 if meta.get("choices") and v not in meta["choices"]:
                     problems.append(f"{flag} must be one of {', '.join(meta['choices'])}, not {v!r}")
                 if meta.get("min") is not None and v < meta["min"]:

@@ -107,6 +107,7 @@ def test_load_refuses_what_is_not_a_checkpoint(tmp_path):
         pyro_vae.load(tmp_path / "other.pt")
 
 
+@pytest.mark.slow
 def test_cli_smoke_run_writes_every_artefact(data_dir, tmp_path):
     out = tmp_path / "run"
     result = _cli("--max-steps", "5", "--train-size", "512", "--test-size", "128", "--batch-size", "32",
@@ -129,6 +130,12 @@ def test_cli_smoke_run_writes_every_artefact(data_dir, tmp_path):
     ("--binarize", "sometimes", "invalid choice"),
     ("--batch-size", "70000", "--batch-size must be at most"),
     ("--lr", "0", "--lr must be positive"),
+    ("--lr", "nan", "--lr must be a finite number, not nan"),
+    ("--lr", "inf", "--lr must be a finite number, not inf"),
+    ("--beta", "nan", "--beta must be a finite number"),
+    ("--beta", "-inf", "--beta must be a finite number"),
+    ("--kl-warmup-epochs", "inf", "--kl-warmup-epochs must be a finite number"),
+    ("--classifier-weight", "nan", "--classifier-weight must be a finite number"),
 ])
 def test_bad_flags_are_refused_before_loading_data(flag, value, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -137,6 +144,7 @@ def test_bad_flags_are_refused_before_loading_data(flag, value, message, tmp_pat
     assert not (tmp_path / "nothing-here").exists()
 
 
+@pytest.mark.slow
 def test_cli_exits_2_without_traceback_on_a_bad_flag(tmp_path):
     result = _cli("--epochs", "-3", "--out", str(tmp_path / "run"))
     assert result.returncode == 2
