@@ -46,6 +46,7 @@ def _signal_at_step(monkeypatch, step, signum=signal.SIGTERM):
     monkeypatch.setattr(SVIStep, "step", step_then_signal)
 
 
+@pytest.mark.slow
 def test_sigterm_mid_epoch_then_resume_ends_with_the_same_parameters(small_config, tmp_path, monkeypatch):
     config = dataclasses.replace(small_config, epochs=3, out=str(tmp_path / "whole"))
     whole = train(config)
@@ -156,6 +157,7 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(small_
     assert read_checkpoint(small_config.out)["epoch"] == 1
 
 
+@pytest.mark.slow
 def test_best_and_last_checkpoints_are_kept(small_config):
     run = train(dataclasses.replace(small_config, epochs=3))
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -178,6 +180,7 @@ class _Killed(BaseException):
     """Stands for SIGKILL: nothing after it runs."""
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cut_short", [False, True])
 def test_a_kill_between_the_metrics_line_and_the_checkpoint_leaves_each_epoch_once(small_config, monkeypatch,
                                                                                   cut_short):
