@@ -27,10 +27,10 @@ def _net() -> nn.Module:
 
 @torch.enable_grad()  # also when called under no_grad, as sample_recognition does on first use
 def train_classifier(data_dir: str = "~/.cache/pyro_vae", epochs: int = 2, device: str = "cpu",
-                     seed: int = 0, train_size: int = 0) -> tuple[nn.Module, float]:
+                     seed: int = 0, train_size: int = 0, test_size: int = 0) -> tuple[nn.Module, float]:
     """Train on grey MNIST for a couple of epochs; return the net and its test accuracy (about 0.99)."""
     torch.manual_seed(seed)
-    data = load_mnist(data_dir, binarize="none", device=device, train_size=train_size)
+    data = load_mnist(data_dir, binarize="none", device=device, train_size=train_size, test_size=test_size)
     net = _net().to(device)
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
     for _ in range(epochs):

@@ -101,7 +101,7 @@ def extra_figures(run_dir: Path, trained, figures: dict) -> str:
 def grey_test_accuracy(trained) -> float:
     """q(y | x)'s accuracy on the grey (not binarized) test images: how Pyro's tutorial measures it."""
     config = trained.config
-    grey = load_mnist(config.data_dir, binarize="none", train_size=1, test_size=config.test_size)  # test images only
+    grey = load_mnist(config.data_dir, binarize="none", test_size=config.test_size, split="test")
     return (trained.classify(grey.test_images).cpu() == grey.test_labels).float().mean().item()
 
 

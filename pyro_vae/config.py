@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -141,6 +142,9 @@ class Config:
             values = value if isinstance(value, tuple) else (value,)
             choices = _choices(f)
             for v in values:
+                if isinstance(v, float) and not math.isfinite(v):  # nan passes every comparison below
+                    problems.append(f"{flag} must be a finite number, not {v}")
+                    continue
                 if choices and v not in choices:
                     problems.append(f"{flag} must be one of {', '.join(choices)}, not {v!r}")
                 if meta.get("min") is not None and v < meta["min"]:

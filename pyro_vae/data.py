@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,9 @@ import torch
 from .config import IMAGE_SHAPE
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "data" / "mnist"
-FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+SPLITS = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+          "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}  # images, labels
+FILES = SPLITS["train"] + SPLITS["test"]
 TEST_BINARIZATION_SEED = 0  # the dynamic test set is drawn once with this seed, so test figures compare across runs
 
 
@@ -39,50 +42,92 @@ def _read_checksums(source: Path) -> dict[str, str]:
     return {name.lstrip("*"): digest for digest, name in lines}
 
 
-def unpack(data_dir: str | Path, source: Path = SHIPPED_DIR) -> Path:
-    """Unpack the shipped gzipped IDX files into torchvision's raw layout under data_dir, checking each."""
+def _expected(checksums: dict[str, str], name: str, source: Path) -> str:
+    if name not in checksums:
+        raise DataError(f"{source / 'SHA256SUMS'} has no checksum for {name}")
+    return checksums[name]
+
+
+def _unpack_one(packed: Path, target: Path, checksums: dict[str, str], source: Path) -> None:
+    """Unpack one checked .gz to target, checking what it unpacks to as well."""
+    if not packed.is_file():
+        raise DataError(f"missing MNIST file {packed}")
+    if _sha256(packed) != _expected(checksums, packed.name, source):
+        raise DataError(f"MNIST file {packed} does not match its checksum in {source / 'SHA256SUMS'}")
+    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
+    try:
+        with gzip.open(packed, "rb") as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    except (OSError, EOFError) as e:
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"MNIST file {packed} could not be unpacked: {e}") from e
+    if _sha256(tmp) != _expected(checksums, target.name, source):
+        tmp.unlink()
+        raise DataError(f"MNIST file {packed} unpacks to bytes that do not match the checksum of {target.name} "
+                        f"in {source / 'SHA256SUMS'}")
+    os.replace(tmp, target)  # atomic: a half-written file never looks unpacked
+
+
+def unpack(data_dir: str | Path, source: Path = SHIPPED_DIR, names: tuple[str, ...] = FILES) -> Path:
+    """Unpack the shipped gzipped IDX files into torchvision's raw layout under data_dir, checking each.
+
+    Files unpacked earlier are checked against their SHA-256 too, on every call (about 55 MB for all
+    four): one that no longer matches is unpacked again from its .gz, and stderr says so.
+    """
     raw = Path(data_dir).expanduser() / "MNIST" / "raw"
-    todo = [name for name in FILES if not (raw / name).is_file()]
-    if not todo:
-        return raw
     checksums = _read_checksums(source)
-    raw.mkdir(parents=True, exist_ok=True)
-    for name in todo:
-        packed = source / f"{name}.gz"
-        if not packed.is_file():
-            raise DataError(f"missing MNIST file {packed}")
-        if checksums.get(packed.name) != _sha256(packed):
-            raise DataError(f"MNIST file {packed} does not match its checksum in {source / 'SHA256SUMS'}")
-        tmp = raw / f"{name}.tmp{os.getpid()}"
-        try:
-            with gzip.open(packed, "rb") as src, open(tmp, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-        except (OSError, EOFError) as e:
-            tmp.unlink(missing_ok=True)
-            raise DataError(f"MNIST file {packed} could not be unpacked: {e}") from e
-        os.replace(tmp, raw / name)  # atomic: a half-written file never looks unpacked
+    try:
+        raw.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            target = raw / name
+            if target.is_file():
+                if _sha256(target) == _expected(checksums, name, source):
+                    continue
+                print(f"pyro_vae: {target} does not match its checksum in {source / 'SHA256SUMS'} (damaged?); "
+                      f"unpacking it again", file=sys.stderr, flush=True)
+            _unpack_one(source / f"{name}.gz", target, checksums, source)
+    except OSError as e:
+        raise DataError(f"cannot use {raw} for MNIST: {e.strerror or e}") from e
     return raw
 
 
-def _torchvision_split(data_dir: Path, train: bool, download: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _download(data_dir: Path, names: tuple[str, ...]) -> Path:
+    """Let torchvision download MNIST into data_dir, then check the files that will be read."""
     from torchvision.datasets import MNIST
 
-    split = "train" if train else "t10k"
     try:
-        ds = MNIST(str(data_dir), train=train, download=download)
-    except RuntimeError as e:
-        if "not found" in str(e):
-            raise DataError(f"MNIST not found under {data_dir / 'MNIST' / 'raw'}: {e}") from e
-        raise DataError(f"MNIST {split} files under {data_dir / 'MNIST' / 'raw'} are corrupt "
-                        f"({e}); delete them to unpack again") from e
-    except (AssertionError, ValueError, TypeError, IndexError) as e:
-        raise DataError(f"MNIST {split} files under {data_dir / 'MNIST' / 'raw'} are corrupt "
+        MNIST(str(data_dir), train=False, download=True)  # fetches all four files; parses only the small test split
+    except (OSError, RuntimeError) as e:
+        raise DataError(f"could not download MNIST into {data_dir}: {e}") from e
+    except (AssertionError, ValueError, TypeError, IndexError):
+        pass  # a damaged test file: the checks below name it
+    raw = data_dir / "MNIST" / "raw"
+    checksums = _read_checksums(SHIPPED_DIR)  # the unpacked files are the same bytes as the shipped ones
+    for name in names:
+        try:
+            damaged = _sha256(raw / name) != _expected(checksums, name, SHIPPED_DIR)
+        except OSError as e:
+            raise DataError(f"cannot read MNIST file {raw / name}: {e.strerror or e}") from e
+        if damaged:
+            raise DataError(f"MNIST file {raw / name} does not match its checksum in {SHIPPED_DIR / 'SHA256SUMS'}; "
+                            "delete it to download it again")
+    return raw
+
+
+def _read_split(raw: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (N, 28, 28) uint8 images and (N,) labels of one split, read from checked IDX files."""
+    from torchvision.datasets.mnist import read_image_file, read_label_file
+
+    images_file, labels_file = SPLITS[split]
+    try:
+        images, labels = read_image_file(str(raw / images_file)), read_label_file(str(raw / labels_file))
+    except (OSError, RuntimeError, AssertionError, ValueError, TypeError, IndexError) as e:
+        raise DataError(f"MNIST {split} files under {raw} are unreadable "
                         f"({e or type(e).__name__}); delete them to unpack again") from e
-    images, labels = ds.data, ds.targets
     if images.ndim != 3 or images.shape[1:] != IMAGE_SHAPE[1:] or len(images) != len(labels):
-        raise DataError(f"MNIST {split} files under {data_dir / 'MNIST' / 'raw'} have unexpected shapes "
+        raise DataError(f"MNIST {split} files under {raw} have unexpected shapes "
                         f"{tuple(images.shape)} and {tuple(labels.shape)}")
-    return images, labels
+    return images, labels.long()
 
 
 @dataclass
@@ -158,15 +203,26 @@ class MNIST:
 
 
 def load_mnist(data_dir: str | Path = "~/.cache/pyro_vae", *, binarize: str = "dynamic", device="cpu",
-               download: bool = False, train_size: int = 0, test_size: int = 0,
+               download: bool = False, train_size: int = 0, test_size: int = 0, split: str = "both",
                source: Path = SHIPPED_DIR) -> MNIST:
-    """Load MNIST onto `device`, unpacking the shipped files on first use (or downloading with `download`)."""
+    """Load MNIST onto `device`, unpacking the shipped files on first use (or downloading with `download`).
+
+    `split` "train" or "test" reads only that split's files; the other split is left empty (0 images).
+    """
+    if split not in ("train", "test", "both"):
+        raise ValueError(f"split must be train, test or both, not {split!r}")
+    if binarize not in ("dynamic", "threshold", "none"):
+        raise ValueError(f"binarize must be dynamic, threshold or none, not {binarize!r}")
+    wanted = ("train", "test") if split == "both" else (split,)
+    names = tuple(name for which in wanted for name in SPLITS[which])
     data_dir = Path(data_dir).expanduser()
-    if not download:
-        unpack(data_dir, source)
+    raw = _download(data_dir, names) if download else unpack(data_dir, source, names)
     splits = []
-    for train, size in ((True, train_size), (False, test_size)):
-        images, labels = _torchvision_split(data_dir, train, download)
+    for which, size in (("train", train_size), ("test", test_size)):
+        if which in wanted:
+            images, labels = _read_split(raw, which)
+        else:
+            images, labels = torch.empty(0, *IMAGE_SHAPE[1:], dtype=torch.uint8), torch.empty(0, dtype=torch.long)
         if size:
             images, labels = images[:size], labels[:size]
         splits.append((images.unsqueeze(1).float().div_(255), labels))
@@ -176,6 +232,4 @@ def load_mnist(data_dir: str | Path = "~/.cache/pyro_vae", *, binarize: str = "d
     elif binarize == "dynamic":
         generator = torch.Generator().manual_seed(TEST_BINARIZATION_SEED)
         test_x = torch.bernoulli(test_x, generator=generator)
-    elif binarize != "none":
-        raise ValueError(f"binarize must be dynamic, threshold or none, not {binarize!r}")
     return MNIST(train_x.to(device), train_y.to(device), test_x.to(device), test_y.to(device), binarize)

@@ -269,9 +269,9 @@ def evaluate_run(run, *, k: int = 1000, limit: int = 0, batch_size: int = 100, c
     if not isinstance(run, TrainedVAE):
         path, run = str(run), load(run, device=device or default_device())
     config, device = run.config, run.device
-    # the test split exactly as training reported it (train_size=1: the training images are not needed)
+    # the test split exactly as training reported it; the training images are not read
     data = load_mnist(data_dir or config.data_dir, binarize=config.binarize, device=device,
-                      download=config.download, train_size=1, test_size=config.test_size)
+                      download=config.download, test_size=config.test_size, split="test")
     images, labels = data.test_images, data.test_labels
     if limit:
         images, labels = images[:limit], labels[:limit]

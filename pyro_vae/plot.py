@@ -369,7 +369,7 @@ def plot_run(run_dir: Path, out: Path | None = None, *, axes: tuple[int, int] | 
     out.mkdir(parents=True, exist_ok=True)
     config = run.config
     data = load_mnist(data_dir or config.data_dir, binarize=config.binarize, device=run.device,
-                      download=config.download, train_size=1, test_size=config.test_size)
+                      download=config.download, test_size=config.test_size, split="test")
     images, labels = data.test_images[:limit or None], data.test_labels[:limit or None]
 
     saved = []

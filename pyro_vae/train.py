@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 import shutil
 import signal
 import sys
@@ -52,6 +54,21 @@ class ConfigError(Exception):
     """A saved config that cannot run here (a value out of range, or a device this machine lacks)."""
 
 
+class OutOfMemory(Exception):
+    """The model this config describes does not fit in memory."""
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """torch's CPU allocator reports a failed allocation as a plain RuntimeError, CUDA's as OutOfMemoryError."""
+    return isinstance(e, (MemoryError, torch.cuda.OutOfMemoryError)) or "can't allocate memory" in str(e)
+
+
+def _tried(e: BaseException) -> str:
+    """How much the failed allocation asked for, as torch words it, if it says."""
+    found = re.search(r"ried to allocate ([0-9.]+ ?\w+)", str(e))
+    return f" (it tried to allocate {found.group(1)})" if found else ""
+
+
 def make_run_dir(config: Config, overwrite: bool = False) -> Path:
     """The run directory (created); an existing run in it is an error unless overwrite."""
     out = Path(config.out or f"runs/{datetime.now():%Y%m%d-%H%M%S}").expanduser()
@@ -60,7 +77,10 @@ def make_run_dir(config: Config, overwrite: bool = False) -> Path:
             raise RunDirError(f"run directory {out} already holds a run; choose another --out, "
                               f"continue it with --resume {out}, or replace it with --overwrite")
         shutil.rmtree(out)
-    (out / "images").mkdir(parents=True, exist_ok=True)
+    try:
+        (out / "images").mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a parent that cannot be created or written, or a file in the way
+        raise RunDirError(f"cannot create run directory {out}: {e.strerror or e}") from e
     return out
 
 
@@ -203,6 +223,26 @@ def _end_of_epoch(trained: TrainedVAE, data, out: Path, epoch: int, step: int, l
     return figures
 
 
+def _drop_metrics_after(out: Path, epoch: int) -> None:
+    """Forget metrics.jsonl's lines past the checkpoint's epoch: a kill between an epoch's line and its
+    checkpoint leaves a line that the resumed run writes again."""
+    path = out / "metrics.jsonl"
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+
+    def line_epoch(line: str) -> float:
+        try:
+            return json.loads(line)["epoch"]
+        except (ValueError, KeyError, TypeError):
+            return math.inf  # a line cut short by the kill
+    kept = [line for line in lines if line.endswith("\n") and line_epoch(line) <= epoch]
+    if kept != lines:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+
+
 def train(config: Config, overwrite: bool = False) -> Path:
     """Train the VAE that config describes; return the run directory it wrote."""
     ranks = distributed.setup(torch.device(config.device).type)
@@ -245,7 +285,13 @@ def _loop(config: Config, out: Path, state: dict | None, ranks: distributed.Rank
                       train_size=config.train_size, test_size=config.test_size)
     if config.labels:
         data.keep_labels(config.labels, config.seed)
-    vae = build_vae(config, num_data=data.num_train).to(device)
+    try:
+        vae = build_vae(config, num_data=data.num_train).to(device)
+    except (RuntimeError, MemoryError) as e:
+        if not _out_of_memory(e):
+            raise
+        raise OutOfMemory(f"out of memory while building the model{_tried(e)}: choose a smaller --latent-dim "
+                          f"(now {config.latent_dim}), --hidden-dim, --conv-channels or --prior-components") from e
     trained = TrainedVAE(vae, config)
     if ranks.active:
         distributed.broadcast_parameters(vae, ranks)
@@ -261,6 +307,8 @@ def _loop(config: Config, out: Path, state: dict | None, ranks: distributed.Rank
         svi.load_state(state["optimizer"], out)
         _set_rng_state(_own_rng_state(state["rng"], ranks, out), device)
         epoch, step, best = state["epoch"] + 1, state["step"], state.get("best_test_elbo", -math.inf)
+        if ranks.is_main:
+            _drop_metrics_after(out, state["epoch"])
         if state.get("plan") is not None:  # interrupted inside an epoch: finish that epoch's plan
             plan = [(idx.to(device), labelled) for idx, labelled in zip(state["plan"], state["plan_labelled"])]
             position, losses = state["position"], list(state["epoch_losses"])
@@ -338,11 +386,13 @@ def main(argv=None) -> int:
     except ConfigError as e:  # a bad value, like a bad flag
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (DataError, RunDirError, CheckpointError, Diverged) as e:
+    except (DataError, RunDirError, CheckpointError, Diverged, OutOfMemory) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except torch.cuda.OutOfMemoryError:
-        print(f"error: CUDA ran out of memory; try a smaller --batch-size (now {config.batch_size}) "
+    except (RuntimeError, MemoryError) as e:  # CUDA's OutOfMemoryError is a RuntimeError, and so is the CPU's
+        if not _out_of_memory(e):
+            raise
+        print(f"error: out of memory{_tried(e)}; try a smaller --batch-size (now {config.batch_size}) "
               f"or --eval-batch-size (now {config.eval_batch_size})", file=sys.stderr)
         return 1
     return 0

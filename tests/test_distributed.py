@@ -21,6 +21,7 @@ def _metrics(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_match_one_process_with_the_same_global_batch(data_dir, tmp_path):
     flags = ["--epochs", "3", "--train-size", "4096", "--test-size", "512", "--batch-size", "64",
              "--latent-dim", "4", "--conv-channels", "8", "16", "--binarize", "threshold",

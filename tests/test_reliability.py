@@ -47,6 +47,7 @@ def _signal_at_step(monkeypatch, step, signum=signal.SIGTERM):
     monkeypatch.setattr(SVIStep, "step", step_then_signal)
 
 
+@pytest.mark.slow
 def test_sigterm_mid_epoch_then_resume_ends_with_the_same_parameters(small_config, tmp_path, monkeypatch):
     config = dataclasses.replace(small_config, epochs=3, out=str(tmp_path / "whole"))
     whole = train(config)
@@ -74,6 +75,7 @@ def test_sigterm_mid_epoch_then_resume_ends_with_the_same_parameters(small_confi
     assert [r["train_objective"] for r in rows] == pytest.approx([r["train_objective"] for r in expected])
 
 
+@pytest.mark.slow
 def test_cli_sigterm_in_a_subprocess_checkpoints_and_resumes_exactly(data_dir, tmp_path):
     flags = ["--epochs", "2", "--train-size", "8192", "--test-size", "64", "--batch-size", "8", "--latent-dim", "2",
              "--conv-channels", "4", "8", "--data-dir", str(data_dir), "--device", "cpu"]
@@ -126,6 +128,7 @@ def test_a_kill_while_writing_a_checkpoint_leaves_the_previous_one(tmp_path, mon
     assert state["epoch"] == 1 and torch.equal(state["weights"], torch.ones(3))
 
 
+@pytest.mark.slow
 def test_sigkill_during_checkpoint_writes_never_corrupts_the_file(tmp_path):
     path = tmp_path / "checkpoint.pt"
     writer = (
@@ -161,6 +164,7 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(small_
     assert read_checkpoint(small_config.out)["epoch"] == 1
 
 
+@pytest.mark.slow
 def test_best_and_last_checkpoints_are_kept(small_config):
     run = train(dataclasses.replace(small_config, epochs=3))
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -177,6 +181,35 @@ def test_existing_run_is_not_overwritten_unless_asked(small_config):
         train(dataclasses.replace(config, out=small_config.out))
     train(dataclasses.replace(config, out=small_config.out), overwrite=True)
     assert len((Path(small_config.out) / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+class _Killed(BaseException):
+    """Stands for SIGKILL: nothing after it runs."""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cut_short", [False, True])
+def test_a_kill_between_the_metrics_line_and_the_checkpoint_leaves_each_epoch_once(small_config, monkeypatch,
+                                                                                  cut_short):
+    config = dataclasses.replace(small_config, epochs=3, train_size=128, test_size=64)
+    def killed_at_epoch_2(path, state):
+        if state["epoch"] == 2:
+            raise _Killed
+        save_checkpoint(path, state)
+
+    monkeypatch.setattr("pyro_vae.train.save_checkpoint", killed_at_epoch_2)
+    with pytest.raises(_Killed):
+        train(config)
+    metrics = Path(config.out) / "metrics.jsonl"
+    assert [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()] == [1, 2]
+    if cut_short:  # the kill came while the line was being written
+        metrics.write_text(metrics.read_text()[:-20])
+    monkeypatch.undo()
+
+    resume(config.out)
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert [r["step"] for r in rows] == [2, 4, 6]
 
 
 def test_resume_takes_no_other_flags(capsys):
@@ -259,3 +292,17 @@ def test_load_of_anything_is_a_model_or_a_checkpoint_error(payload, tmp_path_fac
         torch.save(payload, path)
     with pytest.raises(CheckpointError):
         pyro_vae.load(path)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--out", "/proc/forbidden/run"], "error: cannot create run directory /proc/forbidden/run: "),
+    (["--data-dir", "/dev/null"], "error: cannot use /dev/null/MNIST/raw for MNIST: "),
+    (["--latent-dim", "99999999"], "error: out of memory while building the model (it tried to allocate "),
+])
+def test_environment_problems_exit_1_with_one_line(flags, message, data_dir, tmp_path, capsys):
+    """Flags that are valid but that this machine cannot honour: exit 1, one line naming the cause."""
+    argv = ["--epochs", "1", "--max-steps", "1", "--train-size", "64", "--test-size", "64", "--batch-size", "64",
+            "--data-dir", str(data_dir), "--out", str(tmp_path / "run"), "--device", "cpu", *flags]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1 and "Traceback" not in err
