@@ -1,27 +1,17 @@
 """The GPU campaign (experiments/campaign.py), checked on the CPU with --tiny: layout, packing, resuming, collecting."""
 
 import csv
-import importlib.util
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
 
 from pyro_vae.config import parse_command_line
 
-EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
-
-
 @pytest.fixture
-def campaign(monkeypatch):
-    monkeypatch.syspath_prepend(str(EXPERIMENTS))
-    spec = importlib.util.spec_from_file_location("experiments_campaign", EXPERIMENTS / "campaign.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+def campaign(experiment_script):
+    return experiment_script("campaign")
 
 
 def _returned_files(out: Path) -> list[Path]:
