@@ -26,6 +26,7 @@ import sys
 import tarfile
 import threading
 import time
+import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -307,7 +308,12 @@ class Campaign:
             s = self.step_state(name)
             if s["status"] in ("done", "failed"):
                 continue
-            outcome = actions[name]() if name in actions else self.experiment(name)
+            try:
+                outcome = actions[name]() if name in actions else self.experiment(name)
+            except (Exception, SystemExit) as e:  # a broken step must not stop the others, call after call
+                s["status"], s["error"] = "failed", f"{type(e).__name__}: {e}"
+                self.log(f"{name}: failed:\n{traceback.format_exc()}")
+                outcome = True
             self.publish()
             if outcome is None:
                 self.log(f"{self.budget.left():.0f} s left: {name} and what follows wait for the next call")

@@ -125,3 +125,20 @@ def test_a_tiny_campaign_runs_pauses_and_a_second_call_resumes_it(campaign, tmp_
     assert [r["experiment"] for r in rows] == ["conv32"] and rows[0]["epochs"] == "2" and rows[0]["k"] == "4"
     evaluation = json.loads((second / "evaluations.json").read_text())["conv32"]
     assert evaluation["num_images"] == 16 and evaluation["log_px"]["mean"] >= evaluation["elbo"]["mean"] - 5
+
+
+def test_a_step_that_breaks_is_marked_failed_and_the_next_one_still_runs(campaign, tmp_path, monkeypatch):
+    runs = campaign.Campaign(tmp_path / "work", tmp_path / "out", "cpu", True, campaign.Budget(100))
+
+    def experiment(name):
+        if name == "conv32":
+            raise RuntimeError("boom")
+        runs.step_state(name)["status"] = "done"
+        return True
+
+    monkeypatch.setattr(runs, "experiment", experiment)
+    runs.call(["conv32", "best"])
+    state = json.loads((tmp_path / "out" / "state.json").read_text())
+    assert state["steps"]["conv32"] == {"status": "failed", "error": "RuntimeError: boom"}
+    assert state["steps"]["best"]["status"] == "done"
+    assert "RuntimeError: boom" in (tmp_path / "out" / "campaign.log").read_text()
