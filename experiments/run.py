@@ -64,10 +64,15 @@ def experiment_config(name: str, full: bool, out_root: Path, device: str | None,
 
 
 def _commit() -> str:
+    """The checkout's commit (-dirty if pyro_vae/ has changes); empty where there is no git or no repository."""
     def git(*args):
-        return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True).stdout.strip()
+        try:
+            return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True).stdout.strip()
+        except OSError:  # no git on this machine (a copy of the working tree on a lent GPU)
+            return ""
 
-    return git("rev-parse", "--short", "HEAD") + ("-dirty" if git("status", "--porcelain", "pyro_vae") else "")
+    head = git("rev-parse", "--short", "HEAD")
+    return head + ("-dirty" if head and git("status", "--porcelain", "pyro_vae") else "")
 
 
 def _variant(config: Config) -> str:
@@ -115,22 +120,33 @@ def run(name: str, *, full: bool, k: int, limit: int, out_root: Path, device: st
     minutes = (time.perf_counter() - started) / 60
     trained = load(run_dir, device=config.device)
     figures = evaluate_run(trained, k=k, limit=limit, device=config.device)
-    row = {
+    row = results_row(name, full, run_dir, trained, figures, minutes, commit)
+    append_row(row, RESULTS)
+    write_table()
+    print(f"experiment {name}: " + ", ".join(f"{key} {row[key]}" for key in COLUMNS[3:11]))
+    return row
+
+
+def results_row(name: str, full: bool, run_dir: Path, trained, figures: dict, minutes: float, commit: str) -> dict:
+    """The results.csv row of a trained run; figures: what evaluate_run reported for it."""
+    config = trained.config
+    return {
         "experiment": name, "version": "full" if full else "short", "variant": _variant(config),
         "epochs": config.epochs, "device": _device_name(config.device), "train_minutes": f"{minutes:.1f}",
         "test_elbo": f"{figures['elbo']['mean']:.2f}", "log_px": f"{figures['log_px']['mean']:.2f}",
-        "k": k, "images": figures["num_images"], "active_units": figures["active_units"],
+        "k": figures["k"], "images": figures["num_images"], "active_units": figures["active_units"],
         "extra": extra_figures(run_dir, trained, figures), "date": f"{date.today():%Y-%m-%d}", "commit": commit,
     }
-    new = not RESULTS.exists()
-    with open(RESULTS, "a", newline="") as f:
+
+
+def append_row(row: dict, path: Path) -> None:
+    """Add one row to a results CSV, writing the header first if the file is new."""
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         if new:
             writer.writeheader()
         writer.writerow(row)
-    write_table()
-    print(f"experiment {name}: " + ", ".join(f"{key} {row[key]}" for key in COLUMNS[3:11]))
-    return row
 
 
 def _device_name(device: str) -> str:

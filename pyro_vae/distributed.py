@@ -66,24 +66,24 @@ def all_gather(obj, ranks: Ranks) -> list:
     return gathered
 
 
-def average_gradients(params: list[torch.Tensor], loss: float, ranks: Ranks, stop) -> float:
+def average_gradients(params: list[torch.Tensor], loss: torch.Tensor, ranks: Ranks, stop) -> torch.Tensor:
     """Average the gradients of params, and the loss, over the ranks in one all-reduce; return the mean loss.
 
     Only parameters that have a gradient take part: every rank runs the same program on the same kind
     of batch, so that is the same list, in the same order, on every rank. A stop request on any rank is
-    shared in the same all-reduce, so every rank stops after the same step.
+    shared in the same all-reduce, so every rank stops after the same step (reading that flag is the one
+    wait for the device per step under torchrun; the loss stays a tensor on the device).
     """
     params = [p for p in params if p.grad is not None]
-    extra = torch.tensor([loss, float(stop.signum is not None)], dtype=params[0].grad.dtype,
-                         device=params[0].device)
-    flat = torch.cat([p.grad.reshape(-1) for p in params] + [extra])
+    grad = params[0].grad
+    requested = torch.full((1,), float(stop.signum is not None), dtype=grad.dtype, device=grad.device)
+    flat = torch.cat([p.grad.reshape(-1) for p in params] + [loss.reshape(1).to(grad), requested])
     dist.all_reduce(flat)
     flat /= ranks.world
     offset = 0
     for p in params:
         p.grad = flat[offset:offset + p.numel()].view_as(p)
         offset += p.numel()
-    loss, stopping = flat[-2:].tolist()
-    if stopping > 0 and stop.signum is None:
+    if flat[-1].item() > 0 and stop.signum is None:
         stop.signum = signal.SIGTERM  # another rank was asked to stop
-    return loss
+    return flat[-2].clone()  # not a view: that would keep the whole gradient buffer alive

@@ -29,6 +29,7 @@ from .model import VAE, build_vae
 from .trained import TrainedVAE
 
 NUM_RECONSTRUCTIONS_SHOWN = 32  # fixed test digits, shown above their reconstructions
+LOSS_READ_EVERY = 50  # steps between reads of the losses on the host: each read waits for the GPU to catch up
 BEST_NAME = "best.pt"
 
 
@@ -141,13 +142,15 @@ class _StopRequest:
 class SVIStep:
     """SVI's training step: the Pyro ELBO's loss and gradients, then one torch Adam over all the VAE's parameters.
 
-    Like `pyro.infer.SVI.step` (`elbo.loss_and_grads`, optimizer, clear the gradients), with one
+    Like `pyro.infer.SVI.step` (the estimator's loss and gradients, optimizer, clear the gradients), with one
     `torch.optim.Adam` over `vae.parameters()` in place of pyro.optim's one optimizer per parameter, the
     gradients set to None rather than to fresh zeros, and Pyro's checks of arguments, supports and
     shapes on the first step only (the tests run every variant's program with them on): together these
-    halve what Pyro adds to a hand-written step (README, Speed). Under torchrun the gradients are
-    averaged over the ranks before the update. Every module the model and guide use is part of `vae`,
-    so every parameter is here.
+    halve what Pyro adds to a hand-written step (docs/speed.md). The loss is the estimator's
+    `differentiable_loss`, backpropagated here and returned as a tensor on the device: the loop, not the
+    step, decides when to wait for it (Pyro 1.9's estimators still read a few numbers of their own:
+    docs/gpu.md). Under torchrun the gradients are averaged over the ranks before the update. Every module the model and guide use is part of `vae`, so every
+    parameter is here.
     """
 
     def __init__(self, vae: VAE, config: Config, ranks: distributed.Ranks = distributed.Ranks(), stop=None):
@@ -158,10 +161,12 @@ class SVIStep:
         self.ranks, self.stop = ranks, stop
         self.validated = False
 
-    def step(self, x: torch.Tensor, y: torch.Tensor | None = None) -> float:
-        """One update on a minibatch; returns its loss (the -ELBO estimate, scaled to the whole training set)."""
+    def step(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """One update on a minibatch; returns its loss (the -ELBO estimate, scaled to the whole training set),
+        a detached scalar tensor on the device."""
         with pyro.validation_enabled(False) if self.validated else nullcontext():
-            loss = self.elbo.loss_and_grads(self.model, self.guide, x, y)
+            loss = self.elbo.differentiable_loss(self.model, self.guide, x, y)
+            loss.backward()
         self.validated = True
         if self.ranks.active:
             loss = distributed.average_gradients(self.params, loss, self.ranks, self.stop)
@@ -175,6 +180,17 @@ class SVIStep:
             raise CheckpointError(f"{path} holds the optimizer state of an older pyro_vae (one Pyro optimizer per "
                                   "parameter): it loads with pyro_vae.load but cannot be resumed")
         self.optimizer.load_state_dict(state)
+
+
+def _read_losses(pending: list[torch.Tensor], step: int, epoch: int, config: Config, out: Path) -> list[float]:
+    """The losses of the steps up to `step`, read from the device in one go; a non-finite one stops the run."""
+    values = torch.stack(pending).tolist()
+    for offset, value in enumerate(values):
+        if not math.isfinite(value):
+            raise Diverged(f"step {step - len(values) + offset + 1} (epoch {epoch}): the loss became {value} "
+                           f"(read at step {step}). The learning rate (--lr {config.lr}) is probably too high. "
+                           f"The last good checkpoint is kept in {out / CHECKPOINT_NAME}.")
+    return values
 
 
 def kl_weight(config: Config, epochs_done: float) -> float:
@@ -280,6 +296,8 @@ def _loop(config: Config, out: Path, state: dict | None, ranks: distributed.Rank
     device = torch.device(config.device)
     if device.type == "cuda" and ranks.active:
         device = torch.device("cuda", ranks.local_rank)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # every training batch has one shape: time the conv algorithms once
     pyro.set_rng_seed(config.seed)
     data = load_mnist(config.data_dir, binarize=config.binarize, device=device, download=config.download,
                       train_size=config.train_size, test_size=config.test_size)
@@ -302,6 +320,7 @@ def _loop(config: Config, out: Path, state: dict | None, ranks: distributed.Rank
     svi = SVIStep(vae, config, ranks, stop)
 
     epoch, step, plan, position, losses, best = 1, 0, None, 0, [], -math.inf
+    pending = []  # this epoch's losses not yet read from the device
     if state is not None:
         vae.load_state_dict(state["model"])
         svi.load_state(state["optimizer"], out)
@@ -334,15 +353,13 @@ def _loop(config: Config, out: Path, state: dict | None, ranks: distributed.Rank
                 indices, labelled = plan[i]
                 x, y = data.batch(indices.chunk(ranks.world)[ranks.rank], labelled)  # this rank's shard
                 vae.kl_weight = kl_weight(config, epoch - 1 + (i + 1) / len(plan))
-                loss = svi.step(x, y)
-                if not math.isfinite(loss):
-                    raise Diverged(f"step {step + 1} (epoch {epoch}): the loss became {loss}. The learning rate "
-                                   f"(--lr {config.lr}) is probably too high. The last good checkpoint is kept "
-                                   f"in {out / CHECKPOINT_NAME}.")
-                losses.append(loss)
+                pending.append(svi.step(x, y))  # on the device; read every LOSS_READ_EVERY steps, not each step
                 step += 1
                 bar.update()
-                if i % 20 == 0:
+                if (len(pending) == LOSS_READ_EVERY or stop.signum is not None or i + 1 == len(plan)
+                        or step == config.max_steps):  # read (and check) before any checkpoint is written
+                    losses += _read_losses(pending, step, epoch, config, out)
+                    pending = []
                     bar.set_postfix(objective=f"{-sum(losses[-20:]) / len(losses[-20:]) / data.num_train:.2f}")
                 if stop.signum is not None and i + 1 < len(plan):
                     bar.close()

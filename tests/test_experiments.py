@@ -1,8 +1,6 @@
 """The experiments runner: every config is valid, and a tiny experiment adds a real row to the table."""
 
 import csv
-import importlib.util
-import sys
 import tomllib
 from pathlib import Path
 
@@ -15,12 +13,8 @@ EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 
 
 @pytest.fixture
-def runner(monkeypatch):
-    monkeypatch.syspath_prepend(str(EXPERIMENTS))
-    spec = importlib.util.spec_from_file_location("experiments_run", EXPERIMENTS / "run.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def runner(experiment_script):
+    return experiment_script("run")
 
 
 @pytest.mark.parametrize("path", sorted((EXPERIMENTS / "configs").glob("*.toml")), ids=lambda p: p.stem)

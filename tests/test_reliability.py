@@ -156,7 +156,7 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(small_
 
     def goes_nan_in_epoch_2(self, *args, **kwargs):
         count["n"] += 1
-        return real_step(self, *args, **kwargs) if count["n"] < 12 else float("nan")
+        return real_step(self, *args, **kwargs) if count["n"] < 12 else torch.tensor(float("nan"))
 
     monkeypatch.setattr(SVIStep, "step", goes_nan_in_epoch_2)
     with pytest.raises(Diverged, match=r"step 12 \(epoch 2\).*nan.*--lr"):

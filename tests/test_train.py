@@ -16,6 +16,7 @@ import pyro_vae
 from pyro_vae.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from pyro_vae.config import Config
 from pyro_vae.model import build_vae
+from pyro_vae import train as train_module
 from pyro_vae.train import SVIStep, main, make_elbo, train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,9 +48,10 @@ def test_the_training_step_moves_the_parameters_exactly_as_pyro_svi_does():
         torch.manual_seed(0)
         vae = build_vae(config, num_data=1000)
         svi = make_step(vae)
-        losses.append([svi.step(x) for x in batches])
+        losses.append([float(svi.step(x)) for x in batches])
         weights.append(vae.state_dict())
-    assert losses[0] == losses[1]
+    # SVI sums the sites' log-probabilities as Python floats, SVIStep keeps the float32 tensor on the device
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
     for name, value in weights[0].items():
         assert torch.equal(value, weights[1][name]), name
 
@@ -62,8 +64,25 @@ def test_pyro_checks_the_first_training_step_only():
     with pytest.raises(ValueError, match="support"):
         svi.step(grey)
     svi.step(grey.bernoulli())
-    assert math.isfinite(svi.step(grey))
+    assert math.isfinite(svi.step(grey).item())
     assert pyro.infer.util.is_validation_enabled()  # as the test set it, outside the step
+
+
+def test_the_loop_reads_the_losses_from_the_device_every_few_steps_and_at_the_end_of_each_epoch(small_config,
+                                                                                               monkeypatch):
+    """Reading a loss makes the host wait for the GPU, so the loop reads them in blocks, not after every step."""
+    reads, real_read = [], train_module._read_losses
+
+    def counted(pending, step, *args):
+        reads.append((len(pending), step))
+        return real_read(pending, step, *args)
+
+    monkeypatch.setattr(train_module, "_read_losses", counted)
+    monkeypatch.setattr(train_module, "LOSS_READ_EVERY", 3)
+    run = train(small_config)  # 2 epochs of 8 steps
+    assert reads == [(3, 3), (3, 6), (2, 8), (3, 11), (3, 14), (2, 16)]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [8, 16] and all(math.isfinite(r["train_elbo"]) for r in rows)
 
 
 def test_checkpoint_holds_the_trained_parameters_and_loads_back_exactly(small_config, tmp_path):
