@@ -469,7 +469,7 @@ def collect(returned: Path, state_dir: Path) -> int:
         runner.write_table()
     state = json.loads((returned / "state.json").read_text())
     print(f"campaign: state of call {state['calls']} kept in {state_dir}; {added} new row(s) added to "
-          f"{runner.RESULTS}" + (" and the README table" if added else ""))
+          f"{runner.RESULTS}" + (" and the table in docs/results.md" if added else ""))
     for name, s in state["steps"].items():
         print(f"  {name:22s} {s['status']}" + (f" ({s['error']})" if s.get("error") else ""))
     return 0

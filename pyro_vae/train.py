@@ -167,6 +167,7 @@ class SVIStep:
         with pyro.validation_enabled(False) if self.validated else nullcontext():
             loss = self.elbo.differentiable_loss(self.model, self.guide, x, y)
             loss.backward()
+        loss = loss.detach()
         self.validated = True
         if self.ranks.active:
             loss = distributed.average_gradients(self.params, loss, self.ranks, self.stop)

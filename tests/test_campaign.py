@@ -69,10 +69,10 @@ def test_the_state_packs_into_parts_that_unpack_to_the_same_files(campaign, tmp_
 
 def test_collect_keeps_the_state_and_adds_each_new_row_once(campaign, tmp_path, monkeypatch):
     runner = campaign.runner
-    readme = tmp_path / "README.md"
+    readme = tmp_path / "results.md"
     readme.write_text(f"intro\n{runner.TABLE_START}\nold\n{runner.TABLE_END}\n")
     monkeypatch.setattr(runner, "RESULTS", tmp_path / "results.csv")
-    monkeypatch.setattr(runner, "README", readme)
+    monkeypatch.setattr(runner, "RESULTS_PAGE", readme)
     monkeypatch.setattr(runner, "_commit", lambda: "abc1234")
     returned = tmp_path / "returned"
     returned.mkdir()
