@@ -17,6 +17,7 @@ from .trained import TrainedVAE
 
 FORMAT = "pyro_vae.checkpoint/1"
 CHECKPOINT_NAME = "checkpoint.pt"
+PRETRAINED = Path(__file__).resolve().parent.parent / "pretrained"  # the trained runs that ship with the project
 
 
 class CheckpointError(Exception):
@@ -43,6 +44,8 @@ def run_directory(run: str | Path) -> Path:
 def read_checkpoint(path: str | Path) -> dict:
     """The checkpoint dict at path (a run directory or a .pt file), loaded without running any code."""
     path = Path(path).expanduser()
+    if not path.exists() and path.parts[:1] == ("pretrained",):  # "pretrained/conv32" from any directory
+        path = PRETRAINED.joinpath(*path.parts[1:])
     if path.is_dir():
         path = path / CHECKPOINT_NAME
     if not path.is_file():
