@@ -149,8 +149,8 @@ class SVIStep:
     halve what Pyro adds to a hand-written step (docs/speed.md). The loss is the estimator's
     `differentiable_loss`, backpropagated here and returned as a tensor on the device: the loop, not the
     step, decides when to wait for it (Pyro 1.9's estimators still read a few numbers of their own:
-    docs/gpu.md). Under torchrun the gradients are averaged over the ranks before the update. Every module the model and guide use is part of `vae`, so every
-    parameter is here.
+    docs/gpu.md). Under torchrun the gradients are averaged over the ranks before the update. Every
+    module the model and guide use is part of `vae`, so every parameter is here.
     """
 
     def __init__(self, vae: VAE, config: Config, ranks: distributed.Ranks = distributed.Ranks(), stop=None):
