@@ -114,13 +114,24 @@ def _download(data_dir: Path, names: tuple[str, ...]) -> Path:
     return raw
 
 
+def read_idx(path: Path) -> torch.Tensor:
+    """An IDX file of unsigned bytes (MNIST's format: a 4-byte magic number, big-endian sizes, then the data).
+
+    torchvision's reader would do, but importing torchvision imports torch._dynamo: about 10 s a command here.
+    """
+    data = Path(path).read_bytes()
+    if data[:3] != b"\0\0\x08":
+        raise ValueError(f"{path} is not an IDX file of unsigned bytes")
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    return torch.frombuffer(bytearray(data[4 + 4 * ndim:]), dtype=torch.uint8).view(shape)
+
+
 def _read_split(raw: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The (N, 28, 28) uint8 images and (N,) labels of one split, read from checked IDX files."""
-    from torchvision.datasets.mnist import read_image_file, read_label_file
-
     images_file, labels_file = SPLITS[split]
     try:
-        images, labels = read_image_file(str(raw / images_file)), read_label_file(str(raw / labels_file))
+        images, labels = read_idx(raw / images_file), read_idx(raw / labels_file)
     except (OSError, RuntimeError, AssertionError, ValueError, TypeError, IndexError) as e:
         raise DataError(f"MNIST {split} files under {raw} are unreadable "
                         f"({e or type(e).__name__}); delete them to unpack again") from e

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import torch
-from torchvision.utils import make_grid, save_image
 
 from .checkpoint import CheckpointError, load, run_directory
 from .config import MNIST_TEST, NUM_CLASSES
@@ -23,9 +22,28 @@ from .evaluate import grid_posteriors, posterior_params
 from .trained import lerp, slerp
 
 
+def tile(images: torch.Tensor, nrow: int = 8, pad_value: float = 1.0, padding: int = 2) -> torch.Tensor:
+    """Images (N, 1, H, W) in [0, 1] as one (rows, cols) tensor, nrow per row, with padding between them.
+
+    The layout of torchvision's make_grid, written out here because importing torchvision imports
+    torch._dynamo, which costs every command about 10 s on a 2-core machine.
+    """
+    images = images.detach().float().cpu().clamp(0, 1)
+    n, _, h, w = images.shape
+    cols, rows = min(nrow, n), math.ceil(n / nrow)
+    grid = torch.full((rows * (h + padding) + padding, cols * (w + padding) + padding), float(pad_value))
+    for i, image in enumerate(images):
+        top, left = padding + (i // cols) * (h + padding), padding + (i % cols) * (w + padding)
+        grid[top:top + h, left:left + w] = image[0]
+    return grid
+
+
 def image_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> None:
-    """Save images (N, 1, 28, 28) in [0, 1] as one PNG grid, nrow images per row."""
-    save_image(images.detach().float().cpu(), path, nrow=nrow, padding=2, pad_value=1.0)
+    """Save images (N, 1, 28, 28) in [0, 1] as one greyscale PNG grid, nrow images per row."""
+    from PIL import Image
+
+    pixels = tile(images, nrow).mul(255).add(0.5).clamp(0, 255).to(torch.uint8).numpy()
+    Image.fromarray(pixels).save(path)  # (H, W) uint8: greyscale
 
 
 def reconstruction_grid(originals: torch.Tensor, reconstructions: torch.Tensor, path: Path, nrow: int = 8) -> None:
@@ -59,8 +77,7 @@ def _figure(width: float, height: float):
 
 def _grid_array(images: torch.Tensor, nrow: int):
     """Images (N, 1, 28, 28) as one (H, W) array for imshow, with lines between them."""
-    grid = make_grid(images.detach().float().cpu().clamp(0, 1), nrow=nrow, padding=2, pad_value=0.2)
-    return grid[0].numpy()  # drawn with cmap="gray_r": ink black, background white, lines grey
+    return tile(images, nrow, pad_value=0.2).numpy()  # drawn with cmap="gray_r": ink black, background white, lines grey
 
 
 def image_panels(panels: dict[str, torch.Tensor], nrow: int = 8, panel_width: float = 3.2):

@@ -168,3 +168,22 @@ def test_download_mode_refuses_a_damaged_file_by_name(data_dir, tmp_path):
     (raw / "t10k-images-idx3-ubyte").write_bytes(bytes(damaged))
     with pytest.raises(DataError, match="t10k-images-idx3-ubyte does not match its checksum.*download it again"):
         load_mnist(tmp_path, download=True, split="test")
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_idx_reader_reads_what_torchvision_reads(data_dir, name):
+    from torchvision.datasets.mnist import read_image_file, read_label_file
+
+    from pyro_vae.data import read_idx
+
+    path = data_dir / "MNIST" / "raw" / name
+    expected = (read_image_file if "images" in name else read_label_file)(str(path))
+    assert torch.equal(read_idx(path), expected.to(torch.uint8))
+
+
+def test_idx_reader_refuses_other_formats(tmp_path):
+    from pyro_vae.data import read_idx
+
+    (tmp_path / "f").write_bytes(struct.pack(">I", 0x0D02) + struct.pack(">II", 2, 2) + bytes(16))  # floats
+    with pytest.raises(ValueError, match="not an IDX file of unsigned bytes"):
+        read_idx(tmp_path / "f")

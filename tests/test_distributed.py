@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from pyro_vae.checkpoint import read_checkpoint
+from pyro_vae.train import BEST_NAME
 
 ROOT = Path(__file__).resolve().parent.parent
 TOLERANCE = 0.02  # relative: the ranks draw their own z and so differ from one process by sampling noise
@@ -47,7 +48,7 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(data_di
 @pytest.mark.slow
 def test_two_processes_stopped_mid_epoch_resume_to_the_same_parameters(data_dir, tmp_path):
     """Each rank comes back with its own random stream (its z and binarization noise), not rank 0's."""
-    flags = ["--epochs", "2", "--train-size", "4096", "--test-size", "64", "--batch-size", "8", "--latent-dim", "2",
+    flags = ["--epochs", "2", "--train-size", "1024", "--test-size", "64", "--batch-size", "8", "--latent-dim", "2",
              "--conv-channels", "4", "8", "--data-dir", str(data_dir), "--device", "cpu", "--seed", "5"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                 "-m", "pyro_vae.train"]
@@ -59,11 +60,16 @@ def test_two_processes_stopped_mid_epoch_resume_to_the_same_parameters(data_dir,
         for line in proc.stdout:  # wait for the first epoch to end, then stop the run inside the second
             if line.startswith("epoch   1/2"):
                 break
-        time.sleep(0.5)
+        # The epoch line comes before the pictures and checkpoints; a signal then would (rightly) stop the run at the
+        # end of epoch 1. best.pt is written last before epoch 2 starts, so wait for it, whatever the machine's load.
+        deadline = time.monotonic() + 120
+        while not (cut / BEST_NAME).exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.02)
+        time.sleep(0.3)
         proc.send_signal(signal.SIGTERM)  # torchrun passes it on to each rank, as a scheduler's would be
         proc.communicate(timeout=120)
     state = read_checkpoint(cut)
-    assert state["epoch"] == 1 and 0 < state["position"] < 512, "the signal should land inside epoch 2"
+    assert state["epoch"] == 1 and 0 < state["position"] < 128, "the signal should land inside epoch 2"
 
     resumed = subprocess.run(torchrun + ["--resume", str(cut)], cwd=ROOT, capture_output=True, text=True,
                              timeout=600, env=env)

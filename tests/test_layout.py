@@ -1,6 +1,8 @@
 """The layout shows the architecture: a variant is one class and one registry line (the CLI's choices and
 refusals come from the pieces themselves), a loaded run's API lives in trained.py, the benchmark outside."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pyro.distributions as dist
@@ -96,3 +98,15 @@ def test_the_loaded_run_is_trained_py_and_the_package_has_no_hand_written_loss()
     package = Path(pyro_vae.__file__).parent
     assert not (package / "bench.py").exists() and (package.parent / "benchmarks" / "bench.py").is_file()
     assert not any("binary_cross_entropy" in f.read_text() for f in package.glob("*.py"))
+
+
+@pytest.mark.slow
+def test_training_and_its_pictures_do_not_import_torchvision(small_config):
+    """torchvision's import pulls in torch._dynamo, about 10 s a command on a 2-core machine."""
+    script = ("import sys; from pyro_vae import Config; from pyro_vae.train import train; "
+              f"train(Config.from_dict({small_config.to_dict()!r})); "
+              "assert 'torchvision' not in sys.modules, 'torchvision was imported'")
+    result = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parent.parent,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert list(Path(small_config.out).glob("*.png")), "the run drew its pictures"

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -236,3 +237,20 @@ def test_plot_cli_writes_the_cvae_pictures_for_a_conditional_run(run_cvae, tmp_p
     with pytest.raises(SystemExit) as exit_info:
         plot.main([str(run_cvae), "--styles", "64"])
     assert exit_info.value.code == 2 and "--styles" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("n, nrow", [(2, 8), (8, 8), (10, 4), (64, 8)])  # make_grid leaves one image unpadded
+def test_tile_lays_images_out_as_torchvision_make_grid(n, nrow):
+    from torchvision.utils import make_grid
+
+    images = torch.rand(n, 1, 28, 28)
+    expected = make_grid(images, nrow=nrow, padding=2, pad_value=0.2)[0]
+    assert torch.equal(plot.tile(images, nrow, pad_value=0.2), expected)
+
+
+def test_saved_grid_has_the_pixels_of_the_images(tmp_path):
+    images = torch.rand(3, 1, 28, 28)
+    plot.image_grid(images, tmp_path / "g.png", nrow=2)
+    pixels = torch.from_numpy(np.array(Image.open(tmp_path / "g.png"))).float()
+    assert torch.allclose(pixels[2:30, 32:60] / 255, images[1, 0], atol=1 / 255)  # second image: top right
+    assert (pixels[32:60, 32:60] == 255).all()  # no fourth image: padding colour
