@@ -81,7 +81,10 @@ def _variant(config: Config) -> str:
     skip = {"out", "device", "epochs", "data_dir"}
     changed = [f for f in dataclasses.fields(Config)
                if f.name not in skip and getattr(config, f.name) != getattr(default, f.name)]
-    return " ".join(f"--{f.name.replace('_', '-')} {getattr(config, f.name)}" for f in changed) or "defaults"
+    def value(v) -> str:
+        return " ".join(map(str, v)) if isinstance(v, tuple) else str(v)  # as typed: --upper-dims 16 8
+
+    return " ".join(f"--{f.name.replace('_', '-')} {value(getattr(config, f.name))}" for f in changed) or "defaults"
 
 
 def extra_figures(run_dir: Path, trained, figures: dict) -> str:

@@ -282,13 +282,16 @@ def test_kl_of_a_label_observed_cvae_is_the_z_sites_kl_without_log_p_y(small_con
     assert run.labels_observed
     with torch.no_grad():  # a mean per digit far from 0, so that p(z | y) depends on y
         run.vae.prior.class_means.copy_(torch.randn(NUM_CLASSES, small_config.latent_dim))
-    results = evaluate_run(run, k=500, limit=64, batch_size=32, chunk=250, seed=2, progress=False)
+    k = 100
+    results = evaluate_run(run, k=k, limit=64, batch_size=32, chunk=k, seed=2, progress=False)
 
     data = load_mnist(small_config.data_dir, binarize=small_config.binarize, test_size=small_config.test_size)
     x, y = data.test_images[:64], data.test_labels[:64]
     q = run.vae.posterior(*run.vae.encoder(x, run.vae._one_hot(y)))  # q(z | x, y), batch (64,)
     closed_form = torch.distributions.kl_divergence(q, run.vae.prior(y)).mean().item()
-    assert results["kl"]["mean"] == pytest.approx(closed_form, abs=0.05)
+    z = q.sample((1000,))  # the spread of one draw's log q - log p, for a Monte Carlo tolerance of 4 standard errors
+    tolerance = 4 * (q.log_prob(z) - run.vae.prior(y).log_prob(z)).std().item() / math.sqrt(64 * k)
+    assert results["kl"]["mean"] == pytest.approx(closed_form, abs=tolerance)
     assert results["log_py"]["mean"] == pytest.approx(-math.log(NUM_CLASSES), abs=1e-4)
     total = results["reconstruction"]["mean"] - results["kl"]["mean"] + results["log_py"]["mean"]
     assert total == pytest.approx(results["elbo"]["mean"], abs=1e-3)

@@ -74,3 +74,9 @@ def test_grey_test_accuracy_feeds_the_classifier_the_grey_images(runner, data_di
 
     labels = runner.load_mnist(data_dir, binarize="none", test_size=64).test_labels
     assert runner.grey_test_accuracy(Trained()) == 1.0
+
+
+def test_the_variant_column_writes_flags_as_they_are_typed(runner):
+    config = Config(layers=3, upper_dims=(16, 8), guide="ladder")
+    assert runner._variant(config) == "--layers 3 --upper-dims 16 8 --guide ladder"
+    assert runner._variant(Config()) == "defaults"
