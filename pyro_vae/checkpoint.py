@@ -35,17 +35,23 @@ def save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
+def _locate(path: str | Path) -> Path:
+    """path itself, or, for "pretrained/NAME" not found from here, the shipped run of that name."""
+    path = Path(path).expanduser()
+    if not path.exists() and path.parts[:1] == ("pretrained",):  # "pretrained/conv32" from any directory
+        path = PRETRAINED.joinpath(*path.parts[1:])
+    return path
+
+
 def run_directory(run: str | Path) -> Path:
-    """The directory of a run given as a directory or as its checkpoint file."""
-    run = Path(run).expanduser()
+    """The directory of a run given as a directory, as its checkpoint file or as "pretrained/NAME"."""
+    run = _locate(run)
     return run if run.is_dir() else run.parent
 
 
 def read_checkpoint(path: str | Path) -> dict:
     """The checkpoint dict at path (a run directory or a .pt file), loaded without running any code."""
-    path = Path(path).expanduser()
-    if not path.exists() and path.parts[:1] == ("pretrained",):  # "pretrained/conv32" from any directory
-        path = PRETRAINED.joinpath(*path.parts[1:])
+    path = _locate(path)
     if path.is_dir():
         path = path / CHECKPOINT_NAME
     if not path.is_file():

@@ -60,7 +60,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
     Runs written before the training figure was named `train_objective` call it `train_elbo`; it is
     renamed here, since it was the weighted objective there too.
     """
-    path = Path(run_dir) / "metrics.jsonl"
+    path = run_directory(run_dir) / "metrics.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     for row in rows:
         if "train_elbo" in row and "train_objective" not in row:

@@ -10,15 +10,26 @@ NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, min_pictures", [("posterior_inspection.ipynb", 7), ("variants.ipynb", 4)])
-def test_notebook_runs_top_to_bottom(name, min_pictures, data_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("name, train, min_pictures", [
+    ("posterior_inspection.ipynb", False, 7),  # the default: the shipped pretrained/latent2, no training
+    ("posterior_inspection.ipynb", True, 7),  # asked to train: a new 2-D run first
+    ("variants.ipynb", True, 4),  # trains each variant: that is what it compares
+], ids=["posterior-shipped-run", "posterior-train", "variants"])
+def test_notebook_runs_top_to_bottom(name, train, min_pictures, data_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("PYRO_VAE_NOTEBOOK_QUICK", "1")
     monkeypatch.setenv("PYRO_VAE_DATA_DIR", str(data_dir))
     monkeypatch.setenv("PYRO_VAE_NOTEBOOK_OUT", str(tmp_path / "runs"))
     monkeypatch.delenv("PYRO_VAE_NOTEBOOK_RUN", raising=False)
+    if train:
+        monkeypatch.setenv("PYRO_VAE_NOTEBOOK_TRAIN", "1")
+    else:
+        monkeypatch.delenv("PYRO_VAE_NOTEBOOK_TRAIN", raising=False)
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     # raises CellExecutionError, naming the cell, on the first cell that fails
     NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    if name == "posterior_inspection.ipynb":  # which run it looked at: its epochs are printed
+        printed = "".join(out.get("text", "") for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs)
+        assert ("trained for 1 epoch(s)" if train else "trained for 10 epoch(s)") in printed
 
     outputs = [out for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs]
     pictures = [out for out in outputs if "image/png" in out.get("data", {})]

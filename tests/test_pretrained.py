@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import pyro_vae
+import pyro_vae.plot
 from pyro_vae.data import load_mnist
 from pyro_vae.evaluate import elbo_per_image
 
@@ -21,6 +22,7 @@ def test_a_shipped_run_loads_from_anywhere_and_beats_an_untrained_model(name, da
     untrained = elbo_per_image(pyro_vae.build_vae(run.config), x).mean().item()
     assert trained > untrained + 100  # an untrained conv VAE sits near -545 nats, a trained one above -170
     assert run.sample(4).shape == (4, 1, 28, 28)
+    assert pyro_vae.plot.read_metrics(f"pretrained/{name}")[-1]["epoch"] == run.epoch  # its training curve too
 
 
 def test_conv32_is_shipped():
