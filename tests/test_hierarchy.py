@@ -194,6 +194,7 @@ def test_hierarchy_samples_hold_the_top_layer_along_rows_or_the_noise_below():
     assert plot.layer_controls(run, n=3) is not None
 
 
+@pytest.mark.slow  # the CLI end to end
 @pytest.mark.parametrize("guide", ["normal", "ladder"])
 def test_cli_trains_a_two_layer_run_that_loads_back(small_config, guide):
     args = ["--layers", "2", "--guide", guide, "--epochs", "1", "--max-steps", "3", "--batch-size", "64",

@@ -140,6 +140,7 @@ def test_posterior_pictures_draw_for_a_2d_run(run_2d, test_set):
         plot.posterior_comparison(run, x[:1])
 
 
+@pytest.mark.slow  # the CLI end to end: every picture
 def test_plot_cli_writes_every_picture(run_2d, tmp_path, capsys):
     assert plot.main([str(run_2d), "--out", str(tmp_path / "plots"), "--limit", "50"]) == 0
     printed = capsys.readouterr().out.split()
@@ -224,6 +225,7 @@ def test_styles_from_prior_write_each_drawn_style_as_every_digit(run_cvae):
     assert torch.allclose(_cell(array, 4, 9), run.decode(z[4 * 10 + 9], 9)[0], atol=1e-6)
 
 
+@pytest.mark.slow  # the CLI end to end: every picture
 def test_plot_cli_writes_the_cvae_pictures_for_a_conditional_run(run_cvae, tmp_path, capsys):
     assert plot.main([str(run_cvae), "--out", str(tmp_path / "plots"), "--styles", "3", "5", "8"]) == 0
     printed = capsys.readouterr().out.split()
