@@ -1,18 +1,10 @@
 import importlib.util
-import os
 import sys
 import warnings
 from pathlib import Path
 
 import pyro
 import pytest
-import torch
-
-# The test models are tiny: a second intra-op thread only adds synchronisation, and on a 2-core machine
-# with the other core busy it made one training step of the variant tests 6 times slower (180 ms against
-# 28 ms). One thread here and, through the environment, in the processes the tests start.
-torch.set_num_threads(1)
-os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from pyro_vae.config import Config
 from pyro_vae.data import unpack
