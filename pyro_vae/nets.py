@@ -16,7 +16,13 @@ from torch.nn import functional as F
 from .config import IMAGE_SHAPE, NUM_CLASSES
 
 PIXELS = math.prod(IMAGE_SHAPE)
-MIN_SCALE = 1e-4  # floor of the encoder's scale: keeps log q(z | x) finite
+MIN_SCALE = 1e-4  # floor of every Gaussian scale a network outputs: keeps the log-densities finite
+
+
+def _loc_scale(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Gaussian's loc and scale from a layer's output (..., 2 * D): the halves, the second softplus-ed and floored."""
+    loc, raw_scale = out.chunk(2, dim=-1)
+    return loc, F.softplus(raw_scale) + MIN_SCALE
 
 
 def _cat(h: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
@@ -70,8 +76,7 @@ class Encoder(nn.Module):
         h = self._features(x, c)
         if self.cond_input is None:
             h = _cat(h, c)
-        loc, raw_scale = self.head(h).chunk(2, dim=-1)
-        return loc, F.softplus(raw_scale) + MIN_SCALE
+        return _loc_scale(self.head(h))
 
 
 class Decoder(nn.Module):
@@ -168,8 +173,7 @@ class GaussianLayer(nn.Module):
         self.body = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.Softplus(), nn.Linear(hidden_dim, 2 * out_dim))
 
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        loc, raw_scale = self.body(h).chunk(2, dim=-1)
-        return loc, F.softplus(raw_scale) + 1e-4  # floor keeps the log-densities finite
+        return _loc_scale(self.body(h))
 
 
 def ladder_pass(encoder: Encoder, rungs: nn.ModuleList, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CheckpointError, load, run_directory
-from .config import MNIST_TEST, NUM_CLASSES
+from .config import IMAGE_SHAPE, MNIST_TEST, NUM_CLASSES
 from .data import DataError, load_mnist
 from .evaluate import grid_posteriors, posterior_params
 from .trained import lerp, slerp
@@ -352,8 +352,8 @@ def hierarchy_samples(run, hold: str = "top", n: int = 8) -> torch.Tensor:
     model = poutine.reparam(poutine.uncondition(run.vae.model),
                             config={s: LocScaleReparam(centered=0.0) for s in sites[:-1]})
     model = poutine.condition(model, data={k: v.reshape(n * n, -1) for k, v in data.items()})
-    template = torch.zeros(n * n, 1, 28, 28, device=run.device)  # only its shape is used
-    return poutine.trace(model).get_trace(template).nodes["x"]["fn"].mean.reshape(n, n, 1, 28, 28)
+    template = torch.zeros(n * n, *IMAGE_SHAPE, device=run.device)  # only its shape is used
+    return poutine.trace(model).get_trace(template).nodes["x"]["fn"].mean.reshape(n, n, *IMAGE_SHAPE)
 
 
 def layer_controls(run, n: int = 8):
