@@ -8,6 +8,9 @@ averaged over many draws and must agree within Monte Carlo error.
 import contextlib
 import dataclasses
 import math
+import os
+import subprocess
+import sys
 
 import pyro
 import pytest
@@ -163,3 +166,45 @@ def test_iwae_under_torchrun_each_rank_scales_its_shard_and_the_mean_is_the_whol
             bounds.append(_log_weights(vae, shard, None, particles=3).logsumexp(0) - math.log(3))
     definition = -(NUM_DATA / len(x)) * torch.cat(bounds, -1).sum().item()
     assert sum(rank_losses) / 2 == pytest.approx(definition, rel=1e-5)
+
+
+# One rank of a torchrun job, as train._loop runs it: its shard of the global batch, its own noise, the
+# trainer's step with the gradients (and loss) averaged over the ranks. lr 0 keeps the model put.
+_RANK_PROGRAM = """
+import sys, types, torch, pyro
+from pyro_vae import build_vae, distributed
+from pyro_vae.train import SVIStep
+given = torch.load(sys.argv[1], weights_only=False)  # written by the test itself
+ranks = distributed.setup("cpu")
+vae = build_vae(given["config"], num_data=given["num_data"])
+vae.load_state_dict(given["state"])
+pyro.set_rng_seed(ranks.rank)
+shard = given["x"].chunk(ranks.world)[ranks.rank]
+step = SVIStep(vae, given["config"], ranks, stop=types.SimpleNamespace(signum=None))
+losses = [float(step.step(shard)) for _ in range(given["draws"])]
+if ranks.is_main:
+    torch.save(losses, sys.argv[2])
+distributed.teardown(ranks)
+"""
+
+
+@pytest.mark.slow  # two gloo processes: about 20 s on an idle 2-core machine
+def test_iwae_trainers_step_under_torchrun_estimates_the_whole_batchs_bound(images, tmp_path):
+    """2 ranks of 2 images each: the mean over draws of the loss the trainer reports (the ranks' mean) is
+    -(N / B) times the sum of the K-sample bounds of all B = 4 images."""
+    config = _config(elbo="iwae", num_particles=5, lr=0.0)
+    x, _ = images
+    vae = build_vae(config, num_data=NUM_DATA)
+    torch.save({"config": config, "num_data": NUM_DATA, "state": vae.state_dict(), "x": x, "draws": DRAWS},
+               tmp_path / "given.pt")
+    (tmp_path / "rank.py").write_text(_RANK_PROGRAM)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ran = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(tmp_path / "rank.py"), str(tmp_path / "given.pt"), str(tmp_path / "losses.pt")],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    trainer = torch.load(tmp_path / "losses.pt")
+    definition = [_definition(vae, config, x, None) for _ in range(DRAWS)]
+    (mean_t, se_t), (mean_d, se_d) = _mean_and_stderr(trainer), _mean_and_stderr(definition)
+    assert abs(mean_t - mean_d) < SIGMAS * math.hypot(se_t, se_d), (
+        f"trainer {mean_t:.1f} +- {se_t:.1f}, definition {mean_d:.1f} +- {se_d:.1f}")
