@@ -30,6 +30,7 @@ SIGMAS = 5.0  # agreement within 5 standard errors of the difference of two Mont
 ESTIMATORS = {
     "trace": {},
     "trace, beta 2": {"beta": 2.0},
+    "trace, 3 particles": {"num_particles": 3},
     "meanfield": {"elbo": "meanfield"},
     "iwae": {"elbo": "iwae", "num_particles": 5},
     "iwae, beta 0.5": {"elbo": "iwae", "num_particles": 5, "beta": 0.5},
