@@ -1,15 +1,27 @@
 #!/usr/bin/env python
-"""Copy a run's checkpoint into pretrained/NAME without the optimizer and RNG state (what loading needs)."""
-import sys, json
+"""Copy a run into pretrained/NAME without the optimizer and RNG state: what `pyro_vae.load` needs.
+
+    uv run python experiments/export_pretrained.py RUN NAME
+"""
+import sys
 from pathlib import Path
-import torch
-src, name = Path(sys.argv[1]), sys.argv[2]
-state = torch.load(src / "checkpoint.pt", map_location="cpu", weights_only=True)
-dest = Path("pretrained") / name
-dest.mkdir(parents=True, exist_ok=True)
-state["config"]["out"] = str(dest)
-keep = {k: state[k] for k in ("format", "config", "epoch", "step", "model", "best_test_elbo")}
-torch.save(keep, dest / "checkpoint.pt")
-(dest / "metrics.jsonl").write_text((src / "metrics.jsonl").read_text())
-(dest / "config.json").write_text(json.dumps(state["config"], indent=2) + "\n")
-print(dest, sum(p.numel() for p in keep["model"].values()), "numbers")
+
+from pyro_vae import Config
+from pyro_vae.checkpoint import CHECKPOINT_NAME, PRETRAINED, read_checkpoint, run_directory, save_checkpoint
+
+KEEP = ("config", "epoch", "step", "model", "best_test_elbo")  # save_checkpoint adds the format
+
+
+def export(run: str, name: str) -> Path:
+    state, dest = read_checkpoint(run), PRETRAINED / name
+    dest.mkdir(parents=True, exist_ok=True)
+    config = Config.from_dict({**state["config"], "out": f"pretrained/{name}"})
+    save_checkpoint(dest / CHECKPOINT_NAME, {**{k: state[k] for k in KEEP}, "config": config.to_dict()})
+    config.save(dest / "config.json")
+    (dest / "metrics.jsonl").write_text((run_directory(run) / "metrics.jsonl").read_text())
+    print(dest, sum(p.numel() for p in state["model"].values()), "numbers")
+    return dest
+
+
+if __name__ == "__main__":
+    export(*sys.argv[1:])
