@@ -100,6 +100,13 @@ def _mean_and_stderr(values: list[float]) -> tuple[float, float]:
     return t.mean().item(), t.std().item() / math.sqrt(len(t))
 
 
+def _assert_same_mean(trainer: list[float], definition: list[float], what: str) -> None:
+    """The two Monte Carlo means agree within SIGMAS standard errors of their difference."""
+    (mean_t, se_t), (mean_d, se_d) = _mean_and_stderr(trainer), _mean_and_stderr(definition)
+    assert abs(mean_t - mean_d) < SIGMAS * math.hypot(se_t, se_d), (
+        f"{what}: trainer {mean_t:.1f} +- {se_t:.1f}, definition {mean_d:.1f} +- {se_d:.1f}")
+
+
 @pytest.mark.slow  # 2 x 200 draws per estimator: about a minute in all on an idle 2-core machine
 @pytest.mark.parametrize("name", ESTIMATORS)
 def test_trainers_step_estimates_the_definition_at_plate_scale_250(name, images):
@@ -113,10 +120,7 @@ def test_trainers_step_estimates_the_definition_at_plate_scale_250(name, images)
     step = SVIStep(vae, dataclasses.replace(config, lr=0.0))
     trainer = [float(step.step(x, y)) for _ in range(DRAWS)]
     definition = [_definition(vae, config, x, y) for _ in range(DRAWS)]
-    (mean_t, se_t), (mean_d, se_d) = _mean_and_stderr(trainer), _mean_and_stderr(definition)
-    tolerance = SIGMAS * math.hypot(se_t, se_d)
-    assert abs(mean_t - mean_d) < tolerance, (
-        f"{name}: trainer {mean_t:.1f} +- {se_t:.1f}, definition {mean_d:.1f} +- {se_d:.1f}")
+    _assert_same_mean(trainer, definition, name)
 
 
 def test_iwae_gradient_is_n_over_b_times_the_per_image_bounds_gradient(images):
@@ -206,6 +210,4 @@ def test_iwae_trainers_step_under_torchrun_estimates_the_whole_batchs_bound(imag
     assert ran.returncode == 0, ran.stderr[-3000:]
     trainer = torch.load(tmp_path / "losses.pt")
     definition = [_definition(vae, config, x, None) for _ in range(DRAWS)]
-    (mean_t, se_t), (mean_d, se_d) = _mean_and_stderr(trainer), _mean_and_stderr(definition)
-    assert abs(mean_t - mean_d) < SIGMAS * math.hypot(se_t, se_d), (
-        f"trainer {mean_t:.1f} +- {se_t:.1f}, definition {mean_d:.1f} +- {se_d:.1f}")
+    _assert_same_mean(trainer, definition, "iwae under torchrun")
