@@ -35,8 +35,8 @@ from pyro.infer import SVI
 from torch.nn import functional as F
 
 from pyro_vae import evaluate
-from pyro_vae.config import IMAGE_SHAPE, MNIST_TEST, MNIST_TRAIN, NUM_CLASSES, Config
-from pyro_vae.data import MNIST, load_mnist
+from pyro_vae.config import Config
+from pyro_vae.data import IMAGE_SHAPE, MNIST, MNIST_TEST, MNIST_TRAIN, NUM_CLASSES, load_mnist
 from pyro_vae.model import build_vae
 from pyro_vae.nets import make_nets
 from pyro_vae.train import SVIStep, make_elbo

@@ -13,10 +13,7 @@ from pathlib import Path
 
 import torch
 
-
-MNIST_TRAIN, MNIST_TEST = 60000, 10000  # images in MNIST's official training and test splits
-IMAGE_SHAPE = (1, 28, 28)  # one MNIST image: channels, height, width
-NUM_CLASSES = 10  # the digits 0-9
+from .data import MNIST_TEST, MNIST_TRAIN
 
 
 def default_device() -> str:

@@ -19,7 +19,7 @@ from pyro import poutine
 from torch import nn
 from torch.nn import functional as F
 
-from .config import NUM_CLASSES
+from .data import NUM_CLASSES
 from .guides import make_posterior, precision_weighted
 from .likelihoods import make_likelihood
 from .nets import ladder_pass, make_classifier, make_hierarchy_nets, make_nets

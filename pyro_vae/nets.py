@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .config import IMAGE_SHAPE, NUM_CLASSES
+from .data import IMAGE_SHAPE, NUM_CLASSES
 
 PIXELS = math.prod(IMAGE_SHAPE)
 MIN_SCALE = 1e-4  # floor of every Gaussian scale a network outputs: keeps the log-densities finite

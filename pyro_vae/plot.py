@@ -16,8 +16,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CheckpointError, load, run_directory
-from .config import IMAGE_SHAPE, MNIST_TEST, NUM_CLASSES
-from .data import DataError, load_mnist
+from .data import IMAGE_SHAPE, MNIST_TEST, NUM_CLASSES, DataError, load_mnist
 from .evaluate import grid_posteriors, posterior_params
 from .trained import lerp, slerp
 

@@ -12,7 +12,7 @@ import torch
 from pyro.distributions import transforms as T
 from torch import nn
 
-from .config import IMAGE_SHAPE, NUM_CLASSES
+from .data import IMAGE_SHAPE, NUM_CLASSES
 
 
 class Prior(nn.Module):

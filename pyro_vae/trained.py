@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 from pyro import poutine
 
-from .config import IMAGE_SHAPE, NUM_CLASSES, Config
+from .config import Config
+from .data import IMAGE_SHAPE, NUM_CLASSES
 from .model import VAE
 
 

@@ -275,7 +275,7 @@ def test_kl_of_a_label_observed_cvae_is_the_z_sites_kl_without_log_p_y(small_con
     """The CVAE told y: ELBO = E_q[log p(x | z, y)] - KL(q(z | x, y) || p(z | y)) + log p(y), with log p(y) = -log 10."""
     from pyro_vae import TrainedVAE, build_vae
     from pyro_vae.data import load_mnist
-    from pyro_vae.config import NUM_CLASSES
+    from pyro_vae.data import NUM_CLASSES
 
     config = dataclasses.replace(small_config, conditional=True)
     run = TrainedVAE(build_vae(config), config)  # untrained: the identity below holds for any parameters

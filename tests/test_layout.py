@@ -110,3 +110,39 @@ def test_training_and_its_pictures_do_not_import_torchvision(small_config):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert list(Path(small_config.out).glob("*.png")), "the run drew its pictures"
+
+
+def _package_imports() -> dict[str, set[str]]:
+    """module -> the pyro_vae modules it imports, at the top or inside a function (relative imports)."""
+    import ast
+
+    folder = Path(pyro_vae.__file__).parent
+    graph = {}
+    for path in folder.glob("*.py"):
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                imported |= {node.module} if node.module else {alias.name for alias in node.names}
+        graph[path.stem] = imported - {path.stem}
+    return graph
+
+
+def test_the_package_modules_import_each_other_without_a_circle():
+    """Data flows one way (config -> data and nets -> model -> train -> ...): no module reaches itself again,
+    not even through an import inside a function (config.py once took the priors, which took config's constants)."""
+    graph = _package_imports()
+    assert "priors" in graph["config"]  # the registries, read inside a function: the graph sees those imports too
+
+    def path_back(start, node, seen):
+        for nxt in sorted(graph.get(node, ())):
+            if nxt == start:
+                return [node, nxt]
+            if nxt not in seen:
+                seen.add(nxt)
+                rest = path_back(start, nxt, seen)
+                if rest:
+                    return [node, *rest]
+        return None
+
+    circles = {name: path_back(name, name, set()) for name in graph}
+    assert {name: circle for name, circle in circles.items() if circle} == {}
