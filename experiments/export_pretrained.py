@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 from pyro_vae import Config
-from pyro_vae.checkpoint import CHECKPOINT_NAME, PRETRAINED, read_checkpoint, run_directory, save_checkpoint
+from pyro_vae.checkpoint import (CHECKPOINT_NAME, METRICS_NAME, PRETRAINED, read_checkpoint, run_directory,
+                                 save_checkpoint)
 
 KEEP = ("config", "epoch", "step", "model", "best_test_elbo")  # save_checkpoint adds the format
 
@@ -18,7 +19,7 @@ def export(run: str, name: str) -> Path:
     config = Config.from_dict({**state["config"], "out": f"pretrained/{name}"})
     save_checkpoint(dest / CHECKPOINT_NAME, {**{k: state[k] for k in KEEP}, "config": config.to_dict()})
     config.save(dest / "config.json")
-    (dest / "metrics.jsonl").write_text((run_directory(run) / "metrics.jsonl").read_text())
+    (dest / METRICS_NAME).write_text((run_directory(run) / METRICS_NAME).read_text())
     print(dest, sum(p.numel() for p in state["model"].values()), "numbers")
     return dest
 

@@ -17,11 +17,12 @@ from .trained import TrainedVAE
 
 FORMAT = "pyro_vae.checkpoint/1"
 CHECKPOINT_NAME = "checkpoint.pt"
+METRICS_NAME = "metrics.jsonl"  # one JSON line per epoch, appended by the trainer
 PRETRAINED = Path(__file__).resolve().parent.parent / "pretrained"  # the trained runs that ship with the project
 
 
 class CheckpointError(Exception):
-    """A checkpoint is missing, unreadable, or does not fit the code that reads it."""
+    """A run's checkpoint (or metrics file) is missing, unreadable, or does not fit the code that reads it."""
 
 
 def save_checkpoint(path: Path, state: dict) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, load, run_directory
+from .checkpoint import METRICS_NAME, CheckpointError, load, run_directory
 from .data import IMAGE_SHAPE, MNIST_TEST, NUM_CLASSES, DataError, load_mnist
 from .evaluate import grid_posteriors, posterior_params
 from .trained import lerp, slerp
@@ -56,11 +56,22 @@ def reconstruction_grid(originals: torch.Tensor, reconstructions: torch.Tensor, 
 def read_metrics(run_dir: Path) -> list[dict]:
     """The rows of a run's metrics.jsonl, one dict per epoch.
 
-    Runs written before the training figure was named `train_objective` call it `train_elbo`; it is
-    renamed here, since it was the weighted objective there too.
+    A last line cut short by a kill is left out, with a note (`--resume` drops it too). Runs written before
+    the training figure was named `train_objective` call it `train_elbo`; it is renamed here, since it was
+    the weighted objective there too.
     """
-    path = run_directory(run_dir) / "metrics.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    path = run_directory(run_dir) / METRICS_NAME
+    lines = path.read_text().splitlines()
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if number < len(lines):
+                raise CheckpointError(f"{path}: line {number} is not a metrics row; only the last line may be "
+                                      "cut short (by a kill while it was written)") from None
+            print(f"note: {path}: the last line was cut short (the run was killed while writing it); "
+                  "reading the lines before it", file=sys.stderr)
     for row in rows:
         if "train_elbo" in row and "train_objective" not in row:
             row["train_objective"] = row.pop("train_elbo")
@@ -389,7 +400,7 @@ def plot_run(run_dir: Path, out: Path | None = None, *, axes: tuple[int, int] | 
     images, labels = data.test_images[:limit or None], data.test_labels[:limit or None]
 
     saved = []
-    if (run_dir / "metrics.jsonl").is_file():
+    if (run_dir / METRICS_NAME).is_file():
         saved.append(_save(training_curves(run_dir), out / "training_curves.png"))
     if list((run_dir / "images").glob("samples_*.png")):
         saved.append(samples_gif(run_dir, out / "samples.gif"))

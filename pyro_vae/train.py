@@ -19,7 +19,8 @@ import pyro
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import CHECKPOINT_NAME, CheckpointError, read_checkpoint, run_directory, save_checkpoint
+from .checkpoint import (CHECKPOINT_NAME, METRICS_NAME, CheckpointError, read_checkpoint, run_directory,
+                         save_checkpoint)
 from .config import Config, parse_command_line
 from .data import DataError, load_mnist
 from .estimators import make_elbo
@@ -73,7 +74,7 @@ def _tried(e: BaseException) -> str:
 def make_run_dir(config: Config, overwrite: bool = False) -> Path:
     """The run directory (created); an existing run in it is an error unless overwrite."""
     out = Path(config.out or f"runs/{datetime.now():%Y%m%d-%H%M%S}").expanduser()
-    if (out / CHECKPOINT_NAME).exists() or (out / "metrics.jsonl").exists():
+    if (out / CHECKPOINT_NAME).exists() or (out / METRICS_NAME).exists():
         if not overwrite:
             raise RunDirError(f"run directory {out} already holds a run; choose another --out, "
                               f"continue it with --resume {out}, or replace it with --overwrite")
@@ -235,7 +236,7 @@ def _end_of_epoch(trained: TrainedVAE, data, out: Path, epoch: int, step: int, l
     print(f"epoch {epoch:3d}/{config.epochs}  train objective {row['train_objective']:9.2f}  "
           f"test ELBO {figures['test_elbo']:9.2f}{accuracy}  {seconds:6.1f} s  "
           f"{row['images_per_s']:7.0f} img/s", flush=True)
-    with open(out / "metrics.jsonl", "a") as f:
+    with open(out / METRICS_NAME, "a") as f:
         f.write(json.dumps(row) + "\n")
     return figures
 
@@ -243,7 +244,7 @@ def _end_of_epoch(trained: TrainedVAE, data, out: Path, epoch: int, step: int, l
 def _drop_metrics_after(out: Path, epoch: int) -> None:
     """Forget metrics.jsonl's lines past the checkpoint's epoch: a kill between an epoch's line and its
     checkpoint leaves a line that the resumed run writes again."""
-    path = out / "metrics.jsonl"
+    path = out / METRICS_NAME
     if not path.is_file():
         return
     lines = path.read_text().splitlines(keepends=True)

@@ -1,4 +1,5 @@
 import importlib.util
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -10,14 +11,24 @@ from pyro_vae.config import Config
 from pyro_vae.data import unpack
 
 
+SEED = int(os.environ.get("PYRO_VAE_TEST_SEED", "0"))  # every test's seed; a Monte Carlo check must pass for any
+# Pyro's checks that model and guide agree only warn; in the tests a mismatch is an error
+MISMATCH_WARNINGS = ("Found vars in model but not guide", "Found non-auxiliary vars in guide but not model",
+                     "Found auxiliary vars in the model", "Found plate statements in guide but not model",
+                     "Model vars changed")
+
+
 @pytest.fixture(autouse=True)
 def pyro_state():
-    """Each test starts with validation on, a fixed seed and an empty param store."""
+    """Each test starts with validation on, the seed PYRO_VAE_TEST_SEED (default 0) and an empty param store;
+    RuntimeWarnings and Pyro's model/guide mismatch warnings are errors."""
     pyro.enable_validation(True)
-    pyro.set_rng_seed(0)
+    pyro.set_rng_seed(SEED)
     pyro.clear_param_store()
     with warnings.catch_warnings():
         warnings.simplefilter("error", category=RuntimeWarning)
+        for message in MISMATCH_WARNINGS:
+            warnings.filterwarnings("error", message=message)
         yield
 
 

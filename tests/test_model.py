@@ -43,6 +43,23 @@ def test_elbo_validates_and_model_guide_match():
     assert torch.isfinite(torch.tensor(loss))
 
 
+@pytest.mark.parametrize("mistake, message", [("missing", "Found vars in model but not guide"),
+                                              ("extra", "Found non-auxiliary vars in guide but not model")])
+def test_a_guide_that_does_not_match_the_model_fails_the_check_above(mistake, message):
+    """The check above can fail: a guide without the model's z, or with a site the model lacks, is an error here."""
+    vae, x = _vae(), _images(4)
+
+    def guide(x, y=None):
+        if mistake == "missing":  # q(z | x) forgotten: the model's z would be drawn from the prior
+            return
+        vae.guide(x, y)
+        with pyro.plate("extra_plate", x.shape[0]):
+            pyro.sample("w", pyro.distributions.Normal(0.0, 1.0))
+
+    with pytest.raises(UserWarning, match=message):
+        Trace_ELBO(num_particles=3, vectorize_particles=True, max_plate_nesting=1).loss(vae.model, guide, x)
+
+
 @pytest.mark.parametrize("num_data", [None, 1000])
 def test_minibatch_elbo_is_scaled_to_the_whole_data_set(num_data):
     """Trace_ELBO on B images out of N equals N / B times the sum of the per-image ELBO terms."""

@@ -1,6 +1,7 @@
 """Pictures: each figure shows what it claims (checked on the figure's own data), and the plot CLI writes them all."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -124,6 +125,21 @@ def test_metrics_of_older_runs_with_train_elbo_still_read_and_plot(tmp_path):
     assert list(train_line.get_ydata()) == [-200.0, -150.0]
 
 
+def test_a_metrics_line_cut_by_a_kill_is_left_out_with_a_note(tmp_path, capsys):
+    rows = [{"epoch": 1, "step": 4, "train_objective": -200.0, "test_elbo": -190.0},
+            {"epoch": 2, "step": 8, "train_objective": -150.0, "test_elbo": -148.0}]
+    whole = "".join(json.dumps(r) + "\n" for r in rows)
+    (tmp_path / "metrics.jsonl").write_text(whole[:-25])  # the kill came while epoch 2's line was written
+    assert plot.read_metrics(tmp_path) == rows[:1]
+    assert "the last line was cut short" in capsys.readouterr().err
+    train_line, _ = plot.training_curves(tmp_path).axes[0].get_lines()
+    assert list(train_line.get_ydata()) == [-200.0]
+
+    (tmp_path / "metrics.jsonl").write_text("{not json\n" + whole)  # damage elsewhere is not a cut: an error
+    with pytest.raises(pyro_vae.CheckpointError, match="line 1 is not a metrics row"):
+        plot.read_metrics(tmp_path)
+
+
 def test_posterior_pictures_draw_for_a_2d_run(run_2d, test_set):
     run, (x, y) = pyro_vae.load(run_2d), test_set
     fig = plot.posterior_comparison(run, x[:2], y[:2], coarse=21, fine=21)
@@ -142,8 +158,14 @@ def test_posterior_pictures_draw_for_a_2d_run(run_2d, test_set):
 
 @pytest.mark.slow  # the CLI end to end: every picture
 def test_plot_cli_writes_every_picture(run_2d, tmp_path, capsys):
-    assert plot.main([str(run_2d), "--out", str(tmp_path / "plots"), "--limit", "50"]) == 0
-    printed = capsys.readouterr().out.split()
+    run = tmp_path / "run"
+    shutil.copytree(run_2d, run)
+    metrics = run / "metrics.jsonl"
+    metrics.write_text(metrics.read_text()[:-30])  # a kill cut the last line: the pictures are drawn all the same
+    assert plot.main([str(run), "--out", str(tmp_path / "plots"), "--limit", "50"]) == 0
+    captured = capsys.readouterr()
+    assert "the last line was cut short" in captured.err and "Traceback" not in captured.err
+    printed = captured.out.split()
     assert sorted(p.split("/")[-1] for p in printed) == sorted(plot.PICTURES)  # none of plot.CONDITIONAL
     for path in printed:
         with Image.open(path) as image:
