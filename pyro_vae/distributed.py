@@ -32,6 +32,11 @@ class Ranks:
         return self.world > 1
 
 
+def launched_rank() -> int:
+    """This process's rank as torchrun sets it (0 in a plain run), known before the process group exists."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def setup(device_type: str) -> Ranks:
     """Join the process group torchrun describes (NCCL on GPU, gloo on CPU); a plain run is one rank."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

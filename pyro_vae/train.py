@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import math
 import os
@@ -32,6 +34,7 @@ from .trained import TrainedVAE
 NUM_RECONSTRUCTIONS_SHOWN = 32  # fixed test digits, shown above their reconstructions
 LOSS_READ_EVERY = 50  # steps between reads of the losses on the host: each read waits for the GPU to catch up
 BEST_NAME = "best.pt"
+LOCK_NAME = ".lock"  # in the run directory while a training writes there
 
 
 class RunDirError(Exception):
@@ -71,19 +74,62 @@ def _tried(e: BaseException) -> str:
     return f" (it tried to allocate {found.group(1)})" if found else ""
 
 
-def make_run_dir(config: Config, overwrite: bool = False) -> Path:
-    """The run directory (created); an existing run in it is an error unless overwrite."""
+class RunLock:
+    """A lock on a run directory, held for as long as one training writes there: a second one is refused.
+
+    An flock on RUN/.lock, which holds the owner's process id. The kernel drops the flock when its process
+    dies, however it dies; a lock file whose flock is free is the stale lock of a run that was killed, and
+    is taken over with a line saying so.
+    """
+
+    def __init__(self, out: Path):
+        self.path = out / LOCK_NAME
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise RunDirError(f"cannot create run directory {out}: {e.strerror or e}") from e
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.read(self.fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(self.fd)
+            raise RunDirError(f"run directory {out} is in use by another training (process {owner}); wait for it "
+                              "to end, or choose another --out") from None
+        previous = os.read(self.fd, 32).decode(errors="replace").strip()
+        if previous and previous != str(os.getpid()):
+            print(f"pyro_vae: taking over the lock of {out}, left by process {previous}, which ended without "
+                  "releasing it", file=sys.stderr, flush=True)
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, str(os.getpid()).encode(), 0)
+
+    def release(self) -> None:
+        self.path.unlink(missing_ok=True)  # while still held: no other run can take the lock of a dead file
+        os.close(self.fd)
+
+
+def make_run_dir(config: Config, overwrite: bool = False) -> tuple[Path, RunLock]:
+    """The run directory (created) and its lock, held; an existing run in it is an error unless overwrite."""
     out = Path(config.out or f"runs/{datetime.now():%Y%m%d-%H%M%S}").expanduser()
-    if (out / CHECKPOINT_NAME).exists() or (out / METRICS_NAME).exists():
-        if not overwrite:
-            raise RunDirError(f"run directory {out} already holds a run; choose another --out, "
-                              f"continue it with --resume {out}, or replace it with --overwrite")
-        shutil.rmtree(out)
     try:
-        (out / "images").mkdir(parents=True, exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # a parent that cannot be created or written, or a file in the way
         raise RunDirError(f"cannot create run directory {out}: {e.strerror or e}") from e
-    return out
+    lock = RunLock(out)  # before anything in the directory is read or removed
+    try:
+        if (out / CHECKPOINT_NAME).exists() or (out / METRICS_NAME).exists():
+            if not overwrite:
+                raise RunDirError(f"run directory {out} already holds a run; choose another --out, "
+                                  f"continue it with --resume {out}, or replace it with --overwrite")
+            for entry in out.iterdir():  # all but the lock, which this run holds
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                elif entry.name != LOCK_NAME:
+                    entry.unlink()
+        (out / "images").mkdir(exist_ok=True)
+    except BaseException:
+        lock.release()
+        raise
+    return out, lock
 
 
 @contextmanager
@@ -264,31 +310,45 @@ def _drop_metrics_after(out: Path, epoch: int) -> None:
 def train(config: Config, overwrite: bool = False) -> Path:
     """Train the VAE that config describes; return the run directory it wrote."""
     ranks = distributed.setup(torch.device(config.device).type)
+    lock = None
     if ranks.is_main:  # under torchrun only rank 0 writes the run directory
-        out = make_run_dir(config, overwrite)
+        out, lock = make_run_dir(config, overwrite)
         config.out = str(out)
-        config.save(out / "config.json")
-    return _fit(config, Path(config.out), None, ranks)
+    return _fit(config, Path(config.out), None, ranks, lock)
 
 
 def resume(run_dir: str | Path) -> Path:
     """Continue an interrupted run from its last checkpoint, with its saved config, to the same end."""
-    state = read_checkpoint(run_dir)
+    out = run_directory(run_dir)
+    # rank 0 locks first: a run still training there is "in use", whatever its checkpoint says
+    lock = RunLock(out) if out.is_dir() and distributed.launched_rank() == 0 else None
     try:
-        config = Config.from_dict(state["config"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{run_dir} holds a checkpoint of another version of pyro_vae: {e}") from e
-    problems = config.errors()  # what the command line checks for a new run: the machine may have changed
-    if problems:
-        raise ConfigError(f"--resume {run_dir}: its saved config cannot run here: {'; '.join(problems)}")
-    return _fit(config, run_directory(run_dir), state, distributed.setup(torch.device(config.device).type))
+        state = read_checkpoint(run_dir)
+        try:
+            config = Config.from_dict(state["config"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{run_dir} holds a checkpoint of another version of pyro_vae: {e}") from e
+        problems = config.errors()  # what the command line checks for a new run: the machine may have changed
+        if problems:
+            raise ConfigError(f"--resume {run_dir}: its saved config cannot run here: {'; '.join(problems)}")
+        ranks = distributed.setup(torch.device(config.device).type)
+    except BaseException:
+        if lock:
+            lock.release()
+        raise
+    return _fit(config, out, state, ranks, lock)
 
 
-def _fit(config: Config, out: Path, state: dict | None, ranks: distributed.Ranks) -> Path:
-    """The loop shared by train and resume: state is a checkpoint to continue from, or None."""
+def _fit(config: Config, out: Path, state: dict | None, ranks: distributed.Ranks, lock: RunLock | None) -> Path:
+    """The loop shared by train and resume: state is a checkpoint to continue from, or None; lock is the run
+    directory's (rank 0's), released at the end however the run ends."""
     try:
+        if state is None and ranks.is_main:
+            config.save(out / "config.json")
         return _loop(config, out, state, ranks)
     finally:
+        if lock:
+            lock.release()
         distributed.teardown(ranks)
 
 
@@ -402,6 +462,17 @@ def main(argv=None) -> int:
     except Interrupted as e:
         print(f"\npyro_vae: {e}", file=sys.stderr)
         return 128 + e.signum
+    except KeyboardInterrupt:  # a second Ctrl-C or SIGTERM: stopped at once, inside a step or a write
+        run = options.resume or config.out
+        print(f"\npyro_vae: stopped at once by a second signal; the last checkpoint in {run} is kept (continue "
+              f"with: python -m pyro_vae.train --resume {run})", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"error: no space left on the device of the run directory {options.resume or config.out} "
+              f"(writing {e.filename or 'a file'}); the last checkpoint there is kept", file=sys.stderr)
+        return 1
     except ConfigError as e:  # a bad value, like a bad flag
         print(f"error: {e}", file=sys.stderr)
         return 2
