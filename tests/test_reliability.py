@@ -417,9 +417,9 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_previous_checkpoi
     out = Path(small_config.out)
     assert main(_argv_tiny(small_config, out)) == 1
     err = capsys.readouterr().err
-    assert re.fullmatch(re.escape(f"error: cannot write {out / 'checkpoint.pt'}: no space left on the device of the "
-                                  f"run directory {out} (") + r"[\d,]+ bytes free\); the previous checkpoint there is kept\n",
-                        err), err
+    expected = (re.escape(f"error: cannot write {out / 'checkpoint.pt'}: no space left on the device of the run "
+                          f"directory {out} (") + r"[\d,]+ bytes free\); the previous checkpoint there is kept\n")
+    assert re.fullmatch(expected, err), err
     assert read_checkpoint(out)["epoch"] == 1  # intact
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no temp file, no lock
 
