@@ -29,6 +29,7 @@ from pathlib import Path
 from statistics import NormalDist
 
 import numpy as np
+import pyro.distributions as dist
 import torch
 from tqdm import tqdm
 
@@ -60,19 +61,35 @@ class BadImages(CompressError):
     """Images that are not a binary (N, 28, 28) array."""
 
 
-def unsupported(config) -> str | None:
-    """Why the codec cannot compress with a run of this config, in one line; None when it can."""
-    if config.prior != "normal":
-        return f"--prior {config.prior}: the latent bins have equal mass under the standard normal (--prior normal)"
-    if config.guide != "normal":
-        return f"--guide {config.guide}: the bits back need the diagonal Gaussian q(z | x) (--guide normal)"
-    if config.likelihood != "bernoulli":
-        return f"--likelihood {config.likelihood}: pixels are coded as binary (--likelihood bernoulli)"
-    if config.layers != 1:
+def unsupported(run: TrainedVAE) -> str | None:
+    """Why the codec cannot compress with this run, in one line naming the flag; None when it can.
+
+    Asked of the run's own pieces, not of their names: the codec needs p(z) = N(0, I) (its bins have
+    equal mass under it), q(z | x) = Normal(encoder's loc, scale) (run.encode then gives q) and Bernoulli
+    pixels (run.decode then gives their probabilities).
+    """
+    vae, config = run.vae, run.config
+    if len(vae.sites) != 1:
         return f"--layers {config.layers}: only one stochastic layer is coded (--layers 1)"
-    if config.conditional:
+    if vae.conditional:
         return "--conditional: the label would need coding too; compress with an unconditional run"
+    with torch.no_grad():
+        prior = vae.prior()
+        loc, scale = torch.zeros(2, config.latent_dim), torch.rand(2, config.latent_dim) + 0.5
+        posterior = vae.posterior(loc, scale)
+        likelihood = vae.likelihood(torch.zeros(1, *IMAGE_SHAPE))
+    if not (_normal(prior) and torch.all(prior.mean == 0) and torch.all(prior.stddev == 1)):
+        return f"--prior {config.prior}: the latent bins have equal mass under the standard normal (--prior normal)"
+    if not (_normal(posterior) and torch.equal(posterior.mean, loc) and torch.equal(posterior.stddev, scale)):
+        return f"--guide {config.guide}: the bits back need the encoder's diagonal Gaussian q(z | x) (--guide normal)"
+    if not isinstance(getattr(likelihood, "base_dist", likelihood), dist.Bernoulli):
+        return f"--likelihood {config.likelihood}: pixels are coded as binary (--likelihood bernoulli)"
     return None
+
+
+def _normal(d) -> bool:
+    """Whether d is a diagonal Normal (independent over the latent dimensions)."""
+    return isinstance(d, dist.Independent) and type(d.base_dist) is dist.Normal
 
 
 @dataclass(frozen=True)
@@ -132,9 +149,9 @@ def check_images(images) -> np.ndarray:
     if not (images.dtype == np.bool_ or np.issubdtype(images.dtype, np.integer)):
         raise BadImages(f"images must be a uint8 array of 0 and 1, not dtype {images.dtype}")
     if not np.isin(images, (0, 1)).all():
-        values = np.unique(images)
-        raise BadImages(f"images must be binary (0 and 1), but hold {values[:5].tolist()}"
-                            f"{' ...' if len(values) > 5 else ''}")
+        others = np.setdiff1d(np.unique(images), (0, 1))
+        raise BadImages(f"images must be binary (0 and 1), but also hold {others[:5].tolist()}"
+                        f"{' ...' if len(others) > 5 else ''}")
     return np.ascontiguousarray(images, dtype=np.uint8)
 
 
@@ -225,7 +242,7 @@ def _load(run) -> tuple[TrainedVAE, str]:
         trained, directory = load(run, device="cpu"), run_directory(run).resolve()
         path = str(Path("pretrained") / directory.relative_to(PRETRAINED)) \
             if directory.is_relative_to(PRETRAINED) else str(directory)
-    reason = unsupported(trained.config)
+    reason = unsupported(trained)
     if reason:
         raise CompressError(f"cannot compress with this run: {reason}")
     return trained, path
@@ -280,7 +297,7 @@ def decode(run, data: bytes, *, progress: bool | None = None) -> np.ndarray:
         raise CompressError(f"encoded with the run {header.run}, which cannot be loaded here ({e}); "
                             "give its path (--run)") from e
     if weights_sha256(trained.vae) != header.weights_sha256:
-        used = header.run if run is None else run
+        used = header.run if run is None else "the run given" if isinstance(run, TrainedVAE) else run
         raise CompressError(f"encoded with the run {header.run} (weights {header.weights_sha256.hex()[:12]}), but "
                             f"the weights of {used} differ ({weights_sha256(trained.vae).hex()[:12]})")
     codec = _Codec(trained, header.precision)
@@ -326,8 +343,8 @@ def elbo_bits(run: TrainedVAE, images: np.ndarray, batch_size: int = 500, seed: 
     return -torch.cat(values).double().numpy() / math.log(2)
 
 
-def _test_images(trained: TrainedVAE, limit: int, data_dir: str | None) -> np.ndarray:
-    """The run's first `limit` test images (0: all), binarized as evaluation binarizes them."""
+def binarized_test_images(trained: TrainedVAE, limit: int = 0, data_dir: str | None = None) -> np.ndarray:
+    """The run's first `limit` test images (0: all), binarized as evaluation binarizes them: uint8 (N, 28, 28)."""
     config = trained.config
     data = load_mnist(data_dir or config.data_dir, binarize=config.binarize, download=config.download,
                       test_size=config.test_size, split="test")
@@ -418,7 +435,7 @@ def _encode_command(args) -> None:
     images = check_images(_read_images(args.images)) if args.images else None
     trained, path = _load(run)
     if images is None:
-        images = _test_images(trained, args.limit, args.data_dir)
+        images = binarized_test_images(trained, args.limit, args.data_dir)
     started = time.perf_counter()
     data = _encode(trained, path, images, args.precision, args.max_batch, None)
     seconds = time.perf_counter() - started

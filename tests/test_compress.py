@@ -7,11 +7,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyro
 import pytest
 import torch
 
 import pyro_vae
-from pyro_vae import compress
+from pyro_vae import compress, priors
 from pyro_vae.checkpoint import read_checkpoint, save_checkpoint
 from pyro_vae.compress import BadImages, CompressError, batch_sizes, decode, encode, main, read_header
 from pyro_vae.data import load_mnist
@@ -118,6 +119,22 @@ def test_a_variant_the_codec_does_not_support_is_refused_naming_its_flag(change,
         encode(run, np.zeros((1, 28, 28), np.uint8))
 
 
+class WideNormal(priors.StandardNormal):
+    """p(z) = Normal(0, 2^2 I): a normal, but not the one the bins are cut for."""
+
+    def forward(self, y=None):
+        return pyro.distributions.Normal(self.zero, 2.0).expand([self.latent_dim]).to_event(1)
+
+
+def test_the_codec_asks_the_pieces_not_their_names(monkeypatch):
+    monkeypatch.setitem(priors.PRIORS, "wide", WideNormal)  # priors added by one registry line each
+    monkeypatch.setitem(priors.PRIORS, "unit", priors.StandardNormal)  # N(0, I) under another name
+    for name, refused in (("wide", True), ("unit", False)):
+        config = pyro_vae.Config(latent_dim=4, conv_channels=(8, 16), prior=name)
+        reason = compress.unsupported(pyro_vae.TrainedVAE(pyro_vae.build_vae(config), config))
+        assert (reason is not None and reason.startswith("--prior wide")) if refused else reason is None
+
+
 # The command line
 
 
@@ -174,6 +191,19 @@ def test_the_cli_refuses_an_unsupported_run_with_exit_1_and_one_line(tmp_path, c
     np.save(tmp_path / "x.npy", np.zeros((1, 28, 28), np.uint8))
     assert main([str(tmp_path), str(tmp_path / "out.pvae"), "--images", str(tmp_path / "x.npy")]) == 1
     assert "--prior laplace" in _one_line(capsys.readouterr())
+
+
+def test_an_interrupted_encode_writes_nothing(small_file, tmp_path, monkeypatch, capsys):
+    images, _ = small_file
+    np.save(tmp_path / "in.npy", images[:3])
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(compress, "_encode", interrupted)
+    assert main([RUN, str(tmp_path / "out.pvae"), "--images", str(tmp_path / "in.npy")]) == 130
+    assert "nothing written" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.npy"]
 
 
 # Slow: other processes, and a few hundred images
