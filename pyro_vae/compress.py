@@ -34,8 +34,7 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import PRETRAINED, CheckpointError, load, run_directory
-from .config import IMAGE_SHAPE
-from .data import DataError, load_mnist
+from .data import IMAGE_SHAPE, DataError, load_mnist
 from .trained import TrainedVAE
 
 MAGIC = b"PVAEBB"  # pyro_vae bits-back
