@@ -400,8 +400,7 @@ def train_flags(config: Config) -> list[str]:
         if value == getattr(default, f.name) and f.name != "device":
             continue
         if isinstance(value, bool):
-            assert value, f"{flag} defaults to True: the CLI cannot turn it off"
-            flags.append(flag)
+            flags.append(flag if value else "--no-" + flag[2:])
         elif isinstance(value, tuple):
             flags += [flag, *map(str, value)]
         else:
