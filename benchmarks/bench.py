@@ -27,6 +27,7 @@ import resource
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from datetime import date
@@ -115,7 +116,9 @@ class Yardstick:
         loss = yardstick_loss(self.encoder, self.decoder, x, self.num_data)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self.optimizer.step()
+        with warnings.catch_warnings():  # torch warns that a capturable Adam steps uncaptured: the warm-up does
+            warnings.filterwarnings("ignore", message="This instance was constructed with capturable=True")
+            self.optimizer.step()
         return loss.detach()
 
     def _capture(self, x: torch.Tensor) -> None:
@@ -378,6 +381,8 @@ def run(args: argparse.Namespace, progress: Callable[[dict], None] = lambda resu
     a run stopped early keeps what it measured."""
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True  # as the training loop: every batch has one shape
     pyro.set_rng_seed(args.seed)
     data = load_data(args)
     results = {

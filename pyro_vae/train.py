@@ -11,6 +11,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from contextlib import contextmanager, nullcontext
 from datetime import datetime
 from pathlib import Path
@@ -201,6 +202,14 @@ class SVIStep:
         if graph is not None:
             return graph.replay(x, y, self.vae.kl_weight)
         self._eager_steps[key] = self._eager_steps.get(key, 0) + 1
+        if self.capture and self._eager_steps[key] == GRAPH_WARMUP_STEPS:
+            # the last eager step before the capture, with every wait for the host an error: a capture could
+            # not hold one, and a capture that fails midway may leave torch's allocator and generator in it
+            try:
+                with _waits_raise():
+                    return self._eager_step(x, y)
+            except Exception as e:  # noqa: BLE001 (the step is taken again below, eagerly; a real error recurs)
+                self._give_up_capture(e)
         return self._eager_step(x, y)
 
     def _some_parameter_unused(self, device: torch.device) -> bool:
@@ -236,12 +245,23 @@ class SVIStep:
             if self.ranks.active:
                 loss, self._agreed_stop = distributed.agree(loss, self.stop is not None and self.stop.signum is not None,
                                                             self.ranks)
-            self.optimizer.step()
+            with self._uncaptured_adam():
+                self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         if self._stream is not None:
             loss.record_stream(torch.cuda.current_stream())  # made on the capture stream, read on this one
         self.validated = True
         return loss
+
+    @contextmanager
+    def _uncaptured_adam(self):
+        """torch warns that a capturable Adam steps outside a capture: the warm-up steps do, on purpose."""
+        if not self.optimizer.defaults["capturable"]:
+            yield
+            return
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="This instance was constructed with capturable=True")
+            yield
 
     @contextmanager
     def _on_capture_stream(self):
@@ -257,14 +277,18 @@ class SVIStep:
         try:
             graph = _CapturedStep(self, x, y)
         except Exception as e:  # noqa: BLE001 (whatever stops the capture, the eager step still trains)
-            self.capture = False
-            self.optimizer.zero_grad(set_to_none=True)
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            print(f"pyro_vae: this training step cannot be captured as a CUDA graph ({type(e).__name__}: "
-                  f"{reason}); every step runs eagerly", file=sys.stderr, flush=True)
+            self._give_up_capture(e)
             return None
         self._graphs[key] = graph
         return graph
+
+    def _give_up_capture(self, e: Exception) -> None:
+        """From now on every step is eager; one line says why."""
+        self.capture = False
+        self.optimizer.zero_grad(set_to_none=True)
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"pyro_vae: this training step cannot be captured as a CUDA graph ({type(e).__name__}: {reason}); "
+              "every step runs eagerly", file=sys.stderr, flush=True)
 
     def load_state(self, state: dict, path: Path) -> None:
         """Adam's moments from a checkpoint (written with or without a captured step)."""
@@ -278,6 +302,17 @@ class SVIStep:
                 s = self.optimizer.state.get(p, {})
                 if "step" in s:  # on the device for a captured step, on the CPU otherwise (torch's convention)
                     s["step"] = s["step"].to(torch.float32).to(p.device if self.capture else "cpu")
+
+
+@contextmanager
+def _waits_raise():
+    """torch's sync debug mode "error": a call that would make the host wait for the GPU raises instead."""
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
 
 
 class _CapturedStep:

@@ -1,5 +1,6 @@
 """Training end to end: the loop lowers the loss, the CLI writes every artefact, runs load back exactly."""
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -144,9 +145,13 @@ def test_the_count_of_host_reads_sees_pyros_own_estimator(monkeypatch):
     assert _host_reads_per_step(svi, [(x, None)], monkeypatch) == {"item": 4, "__bool__": 2}
 
 
-def test_a_step_that_cannot_be_captured_trains_on_eagerly_after_one_line(capsys):
-    """On the CPU the step is never captured; where a capture is tried and fails (here: no CUDA to capture
-    on), one line says so and training goes on eagerly, exactly as if no capture had been tried."""
+@pytest.mark.parametrize("fails_in", ["the last warm-up step", "the capture"])
+def test_a_step_that_cannot_be_captured_trains_on_eagerly_after_one_line(fails_in, capsys, monkeypatch):
+    """On the CPU the step is never captured; where a capture is tried and fails (here: no CUDA), in the last
+    warm-up step (run with every wait for the GPU an error) or in the capture itself, one line says so and
+    training goes on eagerly, exactly as if no capture had been tried."""
+    if fails_in == "the capture":
+        monkeypatch.setattr(train_module, "_waits_raise", contextlib.nullcontext)
     config = Config(conv_channels=(4, 8), latent_dim=4, device="cpu")
     batches = [torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(s)).bernoulli() for s in range(3)]
     runs = []
