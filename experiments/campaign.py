@@ -267,10 +267,12 @@ class Campaign:
             fits = "" if elapsed <= budget - self.budget.pack else "  (past this call's budget: the next call)"
             self.log(f"  {what:32s} {seconds:6.0f} s  {note}{fits}")
         self.log(f"  {'total':32s} {total:6.0f} s of {budget:.0f} s")
-        if self.state["calls"] == 1:
-            after = WINDOW_S - START_S[1] - budget
+        after = WINDOW_S - START_S[1] - budget
+        if self.state["calls"] == 1 and after > 60:
             self.log(f"  after this call the window has about {after:.0f} s left ({WINDOW_S} - {START_S[1]} for the "
                      f"start - {budget:.0f}): a second call with --budget {after - 60:.0f} if the device says so")
+        elif after <= 0:
+            self.log(f"  (a budget past what a window leaves after a start, {WINDOW_S - START_S[1]} s: not for a GPU window)")
 
     def experiment_config(self, name: str) -> Config:
         """The full version of experiment `name`, in this campaign's run folder (tiny: on tiny data)."""
@@ -598,6 +600,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.collect:
         return collect(args.collect, args.state)
+    if args.budget <= 0 or args.epochs_per_call < 0:
+        parser.error("--budget must be positive and --epochs-per-call at least 0")
     if args.plan:  # anywhere, GPU or not: the plan from the carried state, in a scratch folder
         scratch = Path(tempfile.mkdtemp())
         if (args.state / "state.json").is_file():
@@ -610,8 +614,6 @@ def main(argv=None) -> int:
         return 0
     if args.out is None:
         parser.error("--out is needed where $OUT is not set")
-    if args.budget <= 0 or args.epochs_per_call < 0:
-        parser.error("--budget must be positive and --epochs-per-call at least 0")
     if args.tiny:
         device = "cpu"
     elif torch.cuda.is_available():
