@@ -561,12 +561,15 @@ def _loop(config: Config, out: Path, state: dict | None, ranks: distributed.Rank
         if state.get("plan") is not None:  # interrupted inside an epoch: finish that epoch's plan
             plan = [(idx.to(device), labelled) for idx, labelled in zip(state["plan"], state["plan_labelled"])]
             position, losses = state["position"], list(state["epoch_losses"])
+    # where each process of the run began (a start, then each --resume): what a results row says was resumed
+    began = {"step": step, "began": datetime.now().isoformat(timespec="seconds")}
+    sessions = [*(state or {}).get("sessions", []), began]
 
     def checkpoint(epochs_done: int, rng: list[dict], **extra) -> dict:
         snapshot = {"config": config.to_dict(), "epoch": epochs_done, "step": step,
                     "model": vae.state_dict(), "optimizer": svi.optimizer.state_dict(), "rng": rng,
                     "param_store": {name: p.detach() for name, p in pyro.get_param_store().items()},
-                    "best_test_elbo": best, **extra}
+                    "best_test_elbo": best, "sessions": sessions, **extra}
         save_checkpoint(out / CHECKPOINT_NAME, snapshot)
         return snapshot
 
