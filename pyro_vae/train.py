@@ -562,7 +562,8 @@ def _loop(config: Config, out: Path, state: dict | None, ranks: distributed.Rank
             plan = [(idx.to(device), labelled) for idx, labelled in zip(state["plan"], state["plan_labelled"])]
             position, losses = state["position"], list(state["epoch_losses"])
     # where each process of the run began (a start, then each --resume): what a results row says was resumed
-    began = {"step": step, "began": datetime.now().isoformat(timespec="seconds")}
+    began = {"step": step, "began": datetime.now().isoformat(timespec="seconds"), "device": str(device),
+             "threads": torch.get_num_threads(), "processes": ranks.world}
     sessions = [*(state or {}).get("sessions", []), began]
 
     def checkpoint(epochs_done: int, rng: list[dict], **extra) -> dict:

@@ -73,6 +73,8 @@ def test_sigterm_mid_epoch_then_resume_ends_with_the_same_parameters(small_confi
     _assert_same_weights(_final_weights(whole), _final_weights(resumed))
     assert [s["step"] for s in read_checkpoint(resumed)["sessions"]] == [0, 11]  # begun, then resumed at step 11
     assert [s["step"] for s in read_checkpoint(whole)["sessions"]] == [0]
+    session = read_checkpoint(whole)["sessions"][0]
+    assert (session["device"], session["threads"], session["processes"]) == ("cpu", torch.get_num_threads(), 1)
     _assert_same_weights(_final_weights(whole), _final_weights(resume(older)))
     rows = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     expected = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
