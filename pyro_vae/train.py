@@ -551,6 +551,7 @@ def _loop(config: Config, out: Path, state: dict | None, ranks: distributed.Rank
 
     epoch, step, plan, position, losses, best = 1, 0, None, 0, [], -math.inf
     pending = []  # this epoch's losses not yet read from the device
+    seconds_before = 0.0  # of an epoch interrupted and resumed: the time its first part took
     if state is not None:
         vae.load_state_dict(state["model"])
         svi.load_state(state["optimizer"], out)
@@ -561,6 +562,7 @@ def _loop(config: Config, out: Path, state: dict | None, ranks: distributed.Rank
         if state.get("plan") is not None:  # interrupted inside an epoch: finish that epoch's plan
             plan = [(idx.to(device), labelled) for idx, labelled in zip(state["plan"], state["plan_labelled"])]
             position, losses = state["position"], list(state["epoch_losses"])
+            seconds_before = state.get("epoch_seconds", 0.0)
     # where each process of the run began (a start, then each --resume): what a results row says was resumed
     began = {"step": step, "began": datetime.now().isoformat(timespec="seconds"), "device": str(device),
              "threads": torch.get_num_threads(), "processes": ranks.world}
@@ -577,7 +579,7 @@ def _loop(config: Config, out: Path, state: dict | None, ranks: distributed.Rank
     with stop:
         while epoch <= config.epochs and not (config.max_steps and step >= config.max_steps):
             vae.train()
-            start = time.perf_counter()
+            start = time.perf_counter() - seconds_before  # the epoch's seconds count its part before a resume
             # the batch order comes from its own seeded stream, the same on every rank
             plan = plan or data.plan_epoch(config.batch_size,
                                            torch.Generator(device).manual_seed(config.seed * 1_000_003 + epoch))
@@ -601,7 +603,8 @@ def _loop(config: Config, out: Path, state: dict | None, ranks: distributed.Rank
                     rng = distributed.all_gather(_rng_state(device), ranks)  # each rank resumes its own stream
                     if ranks.is_main:
                         checkpoint(epoch - 1, rng, plan=[idx.cpu() for idx, _ in plan],
-                                   plan_labelled=[lab for _, lab in plan], position=i + 1, epoch_losses=losses)
+                                   plan_labelled=[lab for _, lab in plan], position=i + 1, epoch_losses=losses,
+                                   epoch_seconds=time.perf_counter() - start)
                     raise Interrupted(out, stop.signum or signal.SIGTERM)  # SIGTERM: another rank's signal
                 if step == config.max_steps:
                     break
@@ -616,7 +619,7 @@ def _loop(config: Config, out: Path, state: dict | None, ranks: distributed.Rank
                     save_checkpoint(out / BEST_NAME, snapshot)
             if svi.stop_requested():  # the last step's agreed flag: a later signal stops the next epoch's first step
                 raise Interrupted(out, stop.signum or signal.SIGTERM)
-            epoch, plan, position, losses = epoch + 1, None, 0, []
+            epoch, plan, position, losses, seconds_before = epoch + 1, None, 0, [], 0.0
     if not ranks.is_main:
         return out
     plot.loss_curve(out)

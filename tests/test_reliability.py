@@ -36,13 +36,16 @@ def _assert_same_weights(a, b):
         assert torch.equal(a[name], b[name]), name
 
 
-def _signal_at_step(monkeypatch, step, signum=signal.SIGTERM):
-    """Make SVIStep.step deliver a real signal to this process at the given (1-based) step."""
+def _signal_at_step(monkeypatch, step, signum=signal.SIGTERM, slow_from=None):
+    """Make SVIStep.step deliver a real signal to this process at the given (1-based) step; steps from `slow_from`
+    on take 2 s longer."""
     real_step, count = SVIStep.step, {"n": 0}
 
     def step_then_signal(self, *args, **kwargs):
         loss = real_step(self, *args, **kwargs)
         count["n"] += 1
+        if slow_from and count["n"] >= slow_from:
+            time.sleep(2.0)
         if count["n"] == step:
             signal.raise_signal(signum)
         return loss
@@ -56,12 +59,13 @@ def test_sigterm_mid_epoch_then_resume_ends_with_the_same_parameters(small_confi
     whole = train(config)
 
     interrupted = dataclasses.replace(config, out=str(tmp_path / "cut"))
-    _signal_at_step(monkeypatch, 11)  # epoch 2 of 3, 3 steps in (8 steps per epoch)
+    _signal_at_step(monkeypatch, 11, slow_from=9)  # epoch 2 of 3, 3 steps in (8 steps per epoch), 6 s in
     with pytest.raises(Interrupted) as info:
         train(interrupted)
     assert "--resume" in str(info.value)
     state = read_checkpoint(tmp_path / "cut")
     assert state["epoch"] == 1 and state["step"] == 11 and state["position"] == 3
+    assert state["epoch_seconds"] >= 6.0  # the time epoch 2 has taken so far, which the resumed epoch counts too
     assert len(state["rng"]) == 1  # one random state per process
     monkeypatch.undo()
     older = tmp_path / "older"  # the same checkpoint as older versions wrote it: one random state, not a list
@@ -78,6 +82,7 @@ def test_sigterm_mid_epoch_then_resume_ends_with_the_same_parameters(small_confi
     _assert_same_weights(_final_weights(whole), _final_weights(resume(older)))
     rows = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     expected = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
+    assert rows[1]["seconds"] >= 6.0 and rows[1]["images_per_s"] == pytest.approx(8 * 64 / rows[1]["seconds"])
     assert [r["test_elbo"] for r in rows] == [r["test_elbo"] for r in expected]
     assert [r["train_objective"] for r in rows] == pytest.approx([r["train_objective"] for r in expected])
 
