@@ -1,5 +1,5 @@
-"""Evaluation speed: evaluate's old fixed sizing (100 images x 100 draws per forward pass) against its automatic
-sizing, on the same run, K and images, run alternately; the median of each and their ratio.
+"""Evaluation speed: evaluate's old fixed sizing (100 images x 100 draws per forward pass, torch's threads) against
+its automatic sizing and threads, on the same run, K and images, run alternately; the median of each and their ratio.
 
     uv run python -m benchmarks.eval_bench pretrained/conv32 --k 1000 --limit 100 --repeats 3
 """
@@ -20,19 +20,21 @@ from pyro_vae.checkpoint import CheckpointError, load
 from pyro_vae.data import DataError
 from pyro_vae.evaluate import evaluate_run
 
-OLD_SIZING = {"batch_size": 100, "chunk": 100}  # evaluate's defaults before they were sized from memory
-AUTOMATIC = {"batch_size": None, "chunk": None}
+# evaluate's defaults before they were sized from memory: 100 x 100, as many threads as torch starts with
+OLD_SIZING = {"batch_size": 100, "chunk": 100, "threads": torch.get_num_threads()}
+AUTOMATIC = {"batch_size": None, "chunk": None, "threads": None}
 
 
-def time_evaluation(run, *, k: int, limit: int, batch_size: int | None, chunk: int | None,
+def time_evaluation(run, *, k: int, limit: int, batch_size: int | None, chunk: int | None, threads: int | None,
                     data_dir: str | None = None) -> dict:
-    """One evaluate_run: wall, user and system seconds, the sizes it used and its log p(x)."""
+    """One evaluate_run: wall, user and system seconds, the sizes and threads it used and its log p(x)."""
     before, started = os.times(), time.perf_counter()
-    results = evaluate_run(run, k=k, limit=limit, batch_size=batch_size, chunk=chunk, data_dir=data_dir,
-                           progress=False)
+    results = evaluate_run(run, k=k, limit=limit, batch_size=batch_size, chunk=chunk, threads=threads,
+                           data_dir=data_dir, progress=False)
     wall, after = time.perf_counter() - started, os.times()
     return {"wall_s": wall, "user_s": after.user - before.user, "system_s": after.system - before.system,
-            "batch_size": results["batch_size"], "chunk": results["chunk"], "log_px": results["log_px"]["mean"]}
+            "batch_size": results["batch_size"], "chunk": results["chunk"], "threads": results["threads"],
+            "log_px": results["log_px"]["mean"]}
 
 
 def compare(run, *, k: int, limit: int, repeats: int, data_dir: str | None = None) -> dict:
@@ -43,20 +45,22 @@ def compare(run, *, k: int, limit: int, repeats: int, data_dir: str | None = Non
         for side, sizing in (("old", OLD_SIZING), ("automatic", AUTOMATIC)):
             runs[side].append(time_evaluation(run, k=k, limit=limit, data_dir=data_dir, **sizing))
     sides = {side: {"batch_size": timed[0]["batch_size"], "chunk": timed[0]["chunk"],
+                    "threads": [t["threads"] for t in timed],
                     **{f"median_{key}": statistics.median(t[key] for t in timed)
                        for key in ("wall_s", "user_s", "system_s")}, "runs": timed}
              for side, timed in runs.items()}
     return {"k": k, "images": limit, "repeats": repeats, "device": str(run.device),
-            "threads": torch.get_num_threads(), "sides": sides,
+            "load_average": os.getloadavg()[0], "sides": sides,
             "ratio": sides["old"]["median_wall_s"] / sides["automatic"]["median_wall_s"]}
 
 
 def format_comparison(result: dict) -> str:
-    lines = [f"evaluate_run, K = {result['k']}, {result['images']} images, {result['device']}, "
-             f"{result['threads']} threads, median of {result['repeats']} runs each, run alternately",
-             f"  {'sizing':10s} {'images x draws':>15s} {'wall s':>8s} {'user s':>8s} {'system s':>9s}"]
+    lines = [f"evaluate_run, K = {result['k']}, {result['images']} images, {result['device']}, median of "
+             f"{result['repeats']} runs each, run alternately (load average at the end {result['load_average']:.1f})",
+             f"  {'sizing':10s} {'images x draws':>15s} {'threads':>8s} {'wall s':>8s} {'user s':>8s} {'system s':>9s}"]
     for side, s in result["sides"].items():
-        lines.append(f"  {side:10s} {s['batch_size']:>6d} x {s['chunk']:<6d} {s['median_wall_s']:8.1f} "
+        threads = ",".join(str(t) for t in s["threads"])
+        lines.append(f"  {side:10s} {s['batch_size']:>6d} x {s['chunk']:<6d} {threads:>8s} {s['median_wall_s']:8.1f} "
                      f"{s['median_user_s']:8.1f} {s['median_system_s']:9.1f}")
     lines.append(f"  ratio old / automatic (wall): {result['ratio']:.2f}")
     return "\n".join(lines)

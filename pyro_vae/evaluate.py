@@ -234,7 +234,7 @@ def kl_to_standard_normal(loc: torch.Tensor, scale: torch.Tensor) -> torch.Tenso
 # from about 50 to 200 images x draws per pass and doubles from 400 on (docs/evaluation.md): there its largest
 # activation (32 channels of 28 x 28 per draw, 100 KB) passes 32 MiB, the largest size glibc's malloc serves from
 # its heap, so every pass maps that memory from the kernel anew and the kernel zeroes it (system time). So on the CPU
-# a pass's largest activation is kept to half of that, 16 MiB (167 draws of that VAE, 5,000 of the MLP). On CUDA a
+# a pass's largest activation is kept to half of that, 16 MiB (167 draws of that VAE, 5,350 of the MLP). On CUDA a
 # pass may take a quarter of the free memory: the caching allocator keeps it, and larger passes keep the GPU busy.
 CPU_LARGEST_ACTIVATION = 16 * 2 ** 20  # bytes
 CUDA_FREE_FRACTION = 0.25
@@ -276,6 +276,21 @@ def available_memory(device: torch.device) -> int:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
     except (OSError, StopIteration):  # not Linux: the physical memory
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def cpu_threads() -> int:
+    """Torch threads for evaluating on the CPU: one per idle core (the cores less the 1-minute load average), at least
+    one and at most torch's own setting.
+
+    Where other jobs keep the cores busy, threads beyond the idle cores spin-wait for each other at every layer of a
+    small pass: measured on this project's loaded 2-core CPU, two threads took about 5 times the CPU time and the
+    wall time of one (docs/evaluation.md).
+    """
+    try:
+        idle = len(os.sched_getaffinity(0)) - os.getloadavg()[0]
+    except (AttributeError, OSError):  # no affinity mask or load average here
+        return torch.get_num_threads()
+    return max(1, min(torch.get_num_threads(), round(idle)))
 
 
 def pass_sizing(vae, x: torch.Tensor, y: torch.Tensor | None = None, *, k: int, device: torch.device,
@@ -385,15 +400,30 @@ def _summary(totals: dict, name: str, n: int) -> dict:
     return {"mean": mean.item(), "stderr": math.sqrt(variance.item() / n) if n > 1 else float("nan")}
 
 
+def _resume(partial: Path, settings: dict, automatic: set, fits) -> tuple[dict | None, dict]:
+    """The state saved in partial if it continues this evaluation, and the settings to go on with; says which.
+
+    Settings in `automatic` (nobody asked for them) take the file's values if its sizes fit(batch_size, chunk).
+    """
+    state, message = _read_partial(partial, settings, automatic)
+    if state and not fits(state["settings"]["batch_size"], state["settings"]["chunk"]):
+        state, message = None, f"{partial}: its batches of {state['settings']['batch_size']} images x " \
+                               f"{state['settings']['chunk']} draws do not fit this device's memory; starting over"
+    if message:
+        print(f"pyro_vae.evaluate: {message}", file=sys.stderr)
+    return state, state["settings"] if state else settings
+
+
 def evaluate_run(run, *, k: int = 1000, limit: int = 0, batch_size: int | None = None, chunk: int | None = None,
-                 seed: int = 0, device: str | None = None, data_dir: str | None = None, progress: bool | None = None,
-                 partial: str | Path | None = None) -> dict:
+                 threads: int | None = None, seed: int = 0, device: str | None = None, data_dir: str | None = None,
+                 progress: bool | None = None, partial: str | Path | None = None) -> dict:
     """Evaluate a run (a path, or a run from `pyro_vae.load`) on its own test set; return the figures.
 
     `limit` keeps the first N test images (0: all); each image gets k draws from q(z | x), `chunk` at a time for
-    `batch_size` images; either left None is sized from the device's memory (`pass_sizing`). With `partial`, the
-    totals are saved there after each batch, and an evaluation with the same settings found there is continued;
-    the file is left for the caller to remove. Batch i's draws depend only on (seed, i) and the sizing.
+    `batch_size` images; either left None is sized from the device's memory (`pass_sizing`), and on the CPU
+    `threads` None is one torch thread per idle core (`cpu_threads`). With `partial`, the totals are saved there
+    after each batch, and an evaluation with the same settings found there is continued; the file is left for the
+    caller to remove. Batch i's draws depend only on (seed, i) and the sizing.
     """
     started = time.perf_counter()
     path = None
@@ -408,50 +438,52 @@ def evaluate_run(run, *, k: int = 1000, limit: int = 0, batch_size: int | None =
         images, labels = images[:limit], labels[:limit]
     labels_observed = getattr(run, "labels_observed", False)  # the label-conditioned model is told y
     batch_labels = (lambda start, end: labels[start:end]) if labels_observed else (lambda start, end: None)
+    previous_threads = torch.get_num_threads()
 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
-        sizing = pass_sizing(run.vae, images, batch_labels(0, 1), k=k, device=device, batch_size=batch_size,
-                             chunk=chunk)
-        if sizing.note:
-            print(f"pyro_vae.evaluate: {sizing.note}", file=sys.stderr)
+        def sizing(b=batch_size, c=chunk) -> Sizing:
+            return pass_sizing(run.vae, images, batch_labels(0, 1), k=k, device=device, batch_size=b, chunk=c)
+
+        chosen = sizing()
+        if chosen.note:
+            print(f"pyro_vae.evaluate: {chosen.note}", file=sys.stderr)
         settings = {"format": PARTIAL_FORMAT, "run": run_identity(run), "device": device.type, "k": k, "seed": seed,
-                    "num_images": len(images), "batch_size": sizing.batch_size, "chunk": sizing.chunk}
+                    "num_images": len(images), "batch_size": chosen.batch_size, "chunk": chosen.chunk,
+                    "threads": None if device.type == "cuda" else threads or cpu_threads()}
         state = None
         if partial is not None:
             partial = Path(partial)
-            automatic = {name for name, asked in (("batch_size", batch_size), ("chunk", chunk)) if asked is None}
-            state, message = _read_partial(partial, settings, automatic)
-            saved = state["settings"] if state else settings
-            if state and pass_sizing(run.vae, images, batch_labels(0, 1), k=k, device=device,
-                                     batch_size=saved["batch_size"], chunk=saved["chunk"]).note:
-                state, message = None, f"{partial}: its batches of {saved['batch_size']} images x {saved['chunk']} " \
-                                       "draws do not fit this device's memory; starting over"
-            if message:
-                print(f"pyro_vae.evaluate: {message}", file=sys.stderr)
-            settings = state["settings"] if state else settings
+            automatic = {name for name, asked in (("batch_size", batch_size), ("chunk", chunk), ("threads", threads))
+                         if asked is None}
+            state, settings = _resume(partial, settings, automatic, lambda b, c: sizing(b, c).note is None)
         b, chunk = settings["batch_size"], settings["chunk"]
         totals, done = (state["totals"], state["batches"]) if state else ({}, 0)
         before = state["seconds"] if state else 0.0
         bar = tqdm(total=len(images), initial=min(done * b, len(images)), desc=f"log p(x), K={k}", unit="img",
                    disable=None if progress is None else not progress)
-        for index in range(done, math.ceil(len(images) / b)):
-            x, y = images[index * b:(index + 1) * b], batch_labels(index * b, (index + 1) * b)
-            torch.manual_seed(batch_seed(seed, index))
-            e = importance_estimates(run.vae, x, y, num_samples=k, chunk=chunk)
-            loc, scale = posterior_params(run, x, y)  # (B, latent_dim) each
-            # ELBO = reconstruction - KL + the label's terms: log p(y) where y is observed (log 1/10),
-            # E_q[log p(y) - log q(y | x)] = -KL(q(y | x) || p(y)) where q(y | x) infers it, nothing without a label
-            _add(totals, {"log_px": e.log_px, "elbo": e.elbo, "reconstruction": e.reconstruction, "kl": e.kl,
-                          "label": e.elbo - e.reconstruction + e.kl, "gap": e.log_px - e.elbo, "loc": loc,
-                          "kl_per_dim": kl_to_standard_normal(loc, scale),
-                          **{f"kl {site}": value for site, value in e.layer_kl.items()},
-                          **{f"mean {site}": value for site, value in e.layer_mean.items()}})
-            if partial is not None:
-                _save_partial(partial, {"settings": settings, "batches": index + 1, "totals": totals,
-                                        "images": min((index + 1) * b, len(images)),
-                                        "seconds": before + time.perf_counter() - started})
-            bar.update(len(x))
-        bar.close()
+        try:
+            if settings["threads"]:
+                torch.set_num_threads(settings["threads"])
+            for index in range(done, math.ceil(len(images) / b)):
+                x, y = images[index * b:(index + 1) * b], batch_labels(index * b, (index + 1) * b)
+                torch.manual_seed(batch_seed(seed, index))
+                e = importance_estimates(run.vae, x, y, num_samples=k, chunk=chunk)
+                loc, scale = posterior_params(run, x, y)  # (B, latent_dim) each
+                # ELBO = reconstruction - KL + the label's terms: log p(y) where y is observed (log 1/10),
+                # E_q[log p(y) - log q(y | x)] = -KL(q(y | x) || p(y)) where q(y | x) infers it, nothing without a label
+                _add(totals, {"log_px": e.log_px, "elbo": e.elbo, "reconstruction": e.reconstruction, "kl": e.kl,
+                              "label": e.elbo - e.reconstruction + e.kl, "gap": e.log_px - e.elbo, "loc": loc,
+                              "kl_per_dim": kl_to_standard_normal(loc, scale),
+                              **{f"kl {site}": value for site, value in e.layer_kl.items()},
+                              **{f"mean {site}": value for site, value in e.layer_mean.items()}})
+                if partial is not None:
+                    _save_partial(partial, {"settings": settings, "batches": index + 1, "totals": totals,
+                                            "images": min((index + 1) * b, len(images)),
+                                            "seconds": before + time.perf_counter() - started})
+                bar.update(len(x))
+        finally:
+            torch.set_num_threads(previous_threads)
+            bar.close()
 
     n = len(images)
     if not config.conditional:
@@ -468,7 +500,7 @@ def evaluate_run(run, *, k: int = 1000, limit: int = 0, batch_size: int | None =
     return {
         "run": path or config.out, "epoch": run.epoch,
         "k": k, "num_images": n, "num_test_images": len(data.test_images),
-        "seed": seed, "device": str(device), "batch_size": b, "chunk": chunk,
+        "seed": seed, "device": str(device), "batch_size": b, "chunk": chunk, "threads": settings["threads"],
         "resumed_images": state["images"] if state else 0,
         "latent_dim": config.latent_dim, "binarize": config.binarize, "conditional": config.conditional,
         "labels_observed": labels_observed,
@@ -496,7 +528,8 @@ def format_table(results: dict) -> str:
         f"pyro_vae.evaluate: {r['run']} (epoch {r['epoch']}; prior {r['prior']}, likelihood {r['likelihood']}, "
         f"guide {r['guide']})",
         f"  {used}, K = {r['k']} draws from q(z|x) per image, seed {r['seed']}, {r['device']}, "
-        f"{r['seconds']:.1f} s ({r['batch_size']} images x {r['chunk']} draws per forward pass)",
+        f"{r['seconds']:.1f} s ({r['batch_size']} images x {r['chunk']} draws per forward pass"
+        + (f", {r['threads']} threads)" if r.get("threads") else ")"),
         "",
         f"  {'nats per image':42s} {'mean':>9s} {'std. err.':>9s}",
     ]
@@ -556,6 +589,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="draws of z per forward pass; memory grows with batch size x chunk (default: as many as "
                              "the device's budget allows, about 16 MiB of largest activation on the CPU and a "
                              "quarter of the free memory on CUDA; a size beyond half the available memory is clamped)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads on the CPU (default: one per idle core, the cores less the load average)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the draws of z")
     parser.add_argument("--device", default=default_device(), help="torch device (cuda when available, else cpu)")
     parser.add_argument("--data-dir", default=None, help="where MNIST is unpacked (default: the run's --data-dir)")
@@ -585,7 +620,8 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     for flag, value, minimum in (("--k", args.k, 1), ("--chunk", args.chunk, 1),
-                                 ("--batch-size", args.batch_size, 1), ("--limit", args.limit, 0)):
+                                 ("--batch-size", args.batch_size, 1), ("--threads", args.threads, 1),
+                                 ("--limit", args.limit, 0)):
         if value is not None and value < minimum:
             parser.error(f"{flag} must be at least {minimum}, not {value}")
     if not (args.device == "cpu" or args.device.startswith("cuda")):
@@ -597,7 +633,8 @@ def main(argv=None) -> int:
     previous = signal.signal(signal.SIGTERM, _stop) if threading.current_thread() is threading.main_thread() else None
     try:
         results = evaluate_run(args.run, k=args.k, limit=args.limit, batch_size=args.batch_size, chunk=args.chunk,
-                               seed=args.seed, device=args.device, data_dir=args.data_dir, partial=partial)
+                               threads=args.threads, seed=args.seed, device=args.device, data_dir=args.data_dir,
+                               partial=partial)
     except (CheckpointError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -179,7 +179,8 @@ def one_active_run(data_dir, tmp_path):
 
 
 def test_evaluate_run_reports_active_units_and_kl_per_dimension(one_active_run):
-    results = evaluate_run(one_active_run, k=100, limit=24, batch_size=8, chunk=30, seed=1, progress=False)
+    results = evaluate_run(one_active_run, k=100, limit=24, batch_size=8, chunk=30, threads=1, seed=1,
+                           progress=False)
     assert results["num_images"] == 24 and results["num_test_images"] == 100 and results["k"] == 100
     assert results["active_units"] == 1
     assert results["posterior_mean_variance"][0] > 0.01 and results["posterior_mean_variance"][1:] == [0, 0]
@@ -205,7 +206,7 @@ def test_evaluate_run_reports_active_units_and_kl_per_dimension(one_active_run):
     w = (log_w - log_w.max(0).values).exp()
     se = (w.var(0) / w.mean(0) ** 2 / 100).sum().sqrt().item() / 24  # of the mean of log p-hat at K = 100
     assert again["log_px"]["mean"] == pytest.approx(results["log_px"]["mean"], abs=5 * math.sqrt(2) * se)
-    same = evaluate_run(one_active_run, k=100, limit=24, batch_size=8, chunk=30, seed=1, progress=False)
+    same = evaluate_run(one_active_run, k=100, limit=24, batch_size=8, chunk=30, threads=1, seed=1, progress=False)
     assert same["log_px"] == results["log_px"]  # a fixed seed: reproducible
 
 
@@ -235,7 +236,8 @@ def test_cli_writes_json_and_table(saved_run, tmp_path, capsys):
     assert "log p(x, y), importance-sampled" in format_table({**results, "labels_observed": True})
 
     out = tmp_path / "elsewhere" / "figures.json"
-    assert main([str(saved_run), "--k", "20", "--limit", "30", "--chunk", "7", "--out", str(out)]) == 0
+    assert main([str(saved_run), "--k", "20", "--limit", "30", "--chunk", "7", "--threads", str(results["threads"]),
+                 "--out", str(out)]) == 0
     assert json.loads(out.read_text())["log_px"] == results["log_px"]  # --out: there, and the same draws
 
 
@@ -281,7 +283,8 @@ def _without_timing(results: dict) -> dict:
 
 def test_the_cli_stopped_by_sigterm_continues_where_it_stopped_to_the_same_figures(saved_run, tmp_path, capsys,
                                                                                   monkeypatch):
-    args = [str(saved_run), "--k", "30", "--limit", "40", "--batch-size", "8", "--chunk", "7", "--seed", "5"]
+    args = [str(saved_run), "--k", "30", "--limit", "40", "--batch-size", "8", "--chunk", "7", "--threads", "1",
+            "--seed", "5"]
     assert main(args + ["--out", str(tmp_path / "straight.json")]) == 0
     straight = json.loads((tmp_path / "straight.json").read_text())
     capsys.readouterr()
@@ -307,8 +310,9 @@ def test_the_cli_stopped_by_sigterm_continues_where_it_stopped_to_the_same_figur
 def test_a_partial_file_made_otherwise_is_not_mixed_in_and_automatic_sizes_follow_the_file(one_active_run, tmp_path,
                                                                                           monkeypatch, capsys):
     partial = tmp_path / "evaluation.partial.json"
+    monkeypatch.setattr(evaluate, "cpu_threads", lambda: 1)
     straight = evaluate_run(one_active_run, k=200, limit=30, seed=2, progress=False)  # sized automatically
-    assert straight["batch_size"] < 30  # more than one batch
+    assert straight["batch_size"] < 30 and straight["threads"] == 1  # more than one batch
 
     def stop():
         raise KeyboardInterrupt
@@ -317,18 +321,20 @@ def test_a_partial_file_made_otherwise_is_not_mixed_in_and_automatic_sizes_follo
     with pytest.raises(KeyboardInterrupt):
         evaluate_run(one_active_run, k=200, limit=30, seed=2, progress=False, partial=partial)
     monkeypatch.undo()
-    # another budget would size it otherwise; nobody asked for a size, so the file's are kept
+    # another budget and another load would size it otherwise; nobody asked for a size, so the file's are kept
     monkeypatch.setattr(evaluate, "CPU_LARGEST_ACTIVATION", evaluate.CPU_LARGEST_ACTIVATION // 3)
+    monkeypatch.setattr(evaluate, "cpu_threads", lambda: 2)
     resumed = evaluate_run(one_active_run, k=200, limit=30, seed=2, progress=False, partial=partial)
     assert "resuming from" in capsys.readouterr().err
     assert _without_timing(resumed) == _without_timing(straight)
+    monkeypatch.undo()
 
     for changed, message in (({"k": 100}, "k 200, now 100"), ({"chunk": 3}, "now 3"), ({"seed": 3}, "seed 2, now 3")):
-        settings = {"k": 200, "seed": 2, **changed}
+        settings = {"k": 200, "seed": 2, "threads": 1, **changed}
         partial.unlink()  # a finished evaluation leaves its file for the caller to remove
         _interrupt_after(monkeypatch, 1, stop)  # a file made with the first settings ...
         with pytest.raises(KeyboardInterrupt):
-            evaluate_run(one_active_run, k=200, limit=30, seed=2, progress=False, partial=partial)
+            evaluate_run(one_active_run, k=200, limit=30, seed=2, threads=1, progress=False, partial=partial)
         monkeypatch.undo()
         again = evaluate_run(one_active_run, limit=30, progress=False, partial=partial, **settings)  # ... then others
         err = capsys.readouterr().err
@@ -355,6 +361,22 @@ def test_automatic_sizing_keeps_the_cpu_passes_small_and_fills_a_share_of_cuda_m
     monkeypatch.setattr(evaluate, "available_memory", lambda device: 40 * 2 ** 30)  # a GPU with 40 GiB free
     cuda = pass_sizing(vae, x, k=1000, device=torch.device("cuda"))
     assert cuda.chunk == 1000 and cuda.batch_size == min(200, 10 * 2 ** 30 // total // 1000)
+
+
+def test_cpu_evaluation_uses_one_thread_per_idle_core_and_gives_torch_its_setting_back(one_active_run, monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)  # what torch would use
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    for load, threads in ((0.2, 4), (1.4, 3), (3.6, 1), (9.0, 1)):
+        monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+        assert evaluate.cpu_threads() == threads
+    monkeypatch.undo()
+    before = torch.get_num_threads()
+    seen = []
+    real = evaluate.importance_estimates
+    monkeypatch.setattr(evaluate, "importance_estimates", lambda *a, **kw: seen.append(torch.get_num_threads())
+                        or real(*a, **kw))
+    results = evaluate_run(one_active_run, k=5, limit=4, threads=1, progress=False)
+    assert results["threads"] == 1 and seen == [1] and torch.get_num_threads() == before
 
 
 def test_a_chunk_beyond_memory_is_clamped_with_one_line(saved_run, monkeypatch, capsys):
