@@ -360,7 +360,7 @@ def _save_partial(path: Path, state: dict) -> None:
 def _read_partial(path: Path, settings: dict, automatic: set) -> tuple[dict | None, str]:
     """The state saved in path if it was made with these settings, and the line to say about it.
 
-    The settings in `automatic` (sizes nobody asked for) take the file's values.
+    The settings in `automatic` (sizes and threads nobody asked for) take the file's values.
     """
     if not path.exists():
         return None, ""
@@ -396,6 +396,7 @@ def _mean_variance(totals: dict, name: str, n: int) -> tuple[torch.Tensor, torch
 
 
 def _summary(totals: dict, name: str, n: int) -> dict:
+    """Mean over n images of a figure in the totals, and its standard error."""
     mean, variance = _mean_variance(totals, name, n)
     return {"mean": mean.item(), "stderr": math.sqrt(variance.item() / n) if n > 1 else float("nan")}
 

@@ -5,6 +5,9 @@ import json
 import math
 import os
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pyro
@@ -307,6 +310,34 @@ def test_the_cli_stopped_by_sigterm_continues_where_it_stopped_to_the_same_figur
     assert not partial.exists()
 
 
+@pytest.mark.slow  # the CLI in a subprocess, killed outright
+def test_the_cli_killed_outright_loses_at_most_the_batch_in_flight(saved_run, tmp_path):
+    command = [sys.executable, "-m", "pyro_vae.evaluate", str(saved_run), "--k", "20000", "--limit", "40",
+               "--batch-size", "4", "--chunk", "1000", "--threads", "1", "--seed", "7"]
+    root = Path(__file__).resolve().parent.parent
+    straight = subprocess.run(command + ["--out", str(tmp_path / "straight.json")], cwd=root, capture_output=True,
+                              text=True, timeout=600)
+    assert straight.returncode == 0, straight.stderr
+
+    partial = saved_run / "evaluation.partial.json"
+    proc = subprocess.Popen(command, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (partial.exists() and json.loads(partial.read_text())["batches"] >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, "the evaluation ended before it could be killed"
+        time.sleep(0.02)
+    proc.kill()  # SIGKILL: no handler runs
+    proc.wait(timeout=60)
+    done = json.loads(partial.read_text())["batches"]
+    assert 2 <= done < 10 and not (saved_run / "evaluation.json").exists()
+
+    resumed = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from {partial}: {4 * done} of 40 images done" in resumed.stderr
+    figures = json.loads((saved_run / "evaluation.json").read_text())
+    assert figures["resumed_images"] == 4 * done
+    assert _without_timing(figures) == _without_timing(json.loads((tmp_path / "straight.json").read_text()))
+
+
 def test_a_partial_file_made_otherwise_is_not_mixed_in_and_automatic_sizes_follow_the_file(one_active_run, tmp_path,
                                                                                           monkeypatch, capsys):
     partial = tmp_path / "evaluation.partial.json"
@@ -513,3 +544,22 @@ def test_kl_of_a_label_observed_cvae_is_the_z_sites_kl_without_log_p_y(small_con
     table = format_table(results)
     assert "KL(q(z|x,y) || p(z|y))" in table and "log p(y) of the observed label" in table
     assert "test ELBO of log p(x, y)" in table
+
+
+def test_the_evaluation_benchmark_compares_the_old_sizing_with_the_automatic_one(data_dir, tmp_path, capsys):
+    from benchmarks import eval_bench
+
+    out = tmp_path / "bench.json"
+    assert eval_bench.main(["pretrained/conv32", "--k", "30", "--limit", "3", "--repeats", "2", "--data-dir",
+                            str(data_dir), "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    old, automatic = result["sides"]["old"], result["sides"]["automatic"]
+    assert (old["batch_size"], old["chunk"]) == (3, 30)  # 100 x 100, cut to the 3 images and K = 30
+    assert (automatic["batch_size"], automatic["chunk"]) == (3, 30)  # 167 draws a pass hold all 3 images
+    assert len(old["runs"]) == len(automatic["runs"]) == 2
+    assert result["ratio"] == pytest.approx(old["median_wall_s"] / automatic["median_wall_s"])
+    assert all(run["wall_s"] > 0 and run["user_s"] >= 0 for run in old["runs"] + automatic["runs"])
+    assert "ratio old / automatic (wall)" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        eval_bench.main(["--repeats", "0"])
+    assert exit_info.value.code == 2
