@@ -248,10 +248,14 @@ def test_a_shipped_run_is_evaluated_into_runs_not_into_the_repository(data_dir, 
     monkeypatch.chdir(tmp_path)
     shipped = PRETRAINED / "latent2" / "evaluation.json"
     before = shipped.exists()
-    assert main(["pretrained/latent2", "--k", "3", "--limit", "4", "--data-dir", str(data_dir), "--device", "cpu"]) == 0
-    assert (tmp_path / "runs" / "latent2" / "evaluation.json").is_file()
-    assert "wrote runs/latent2/evaluation.json" in capsys.readouterr().out
-    assert shipped.exists() == before and not (PRETRAINED / "latent2" / "evaluation.partial.json").exists()
+    try:
+        assert main(["pretrained/latent2", "--k", "3", "--limit", "4", "--data-dir", str(data_dir)]) == 0
+        assert (tmp_path / "runs" / "latent2" / "evaluation.json").is_file()
+        assert "wrote runs/latent2/evaluation.json" in capsys.readouterr().out
+        assert shipped.exists() == before and not (PRETRAINED / "latent2" / "evaluation.partial.json").exists()
+    finally:  # wrong code must not leave files in the repository either
+        if not before:
+            shipped.unlink(missing_ok=True)
     assert default_out(PRETRAINED / "conv32" / "checkpoint.pt") == Path("runs", "conv32", "evaluation.json")
     assert default_out(tmp_path / "mine") == tmp_path / "evaluation.json"  # a path that is no directory: its folder
 

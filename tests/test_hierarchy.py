@@ -1,6 +1,7 @@
 """The hierarchical VAE (--layers L): traces, training, the exact value of a linear-Gaussian chain, one layer unchanged."""
 
 import dataclasses
+import math
 from pathlib import Path
 
 import pyro
@@ -17,6 +18,7 @@ from pyro_vae import evaluate
 from pyro_vae.evaluate import evaluate_run, format_table
 from pyro_vae import plot
 from pyro_vae.model import latent_sites
+from pyro_vae.nets import MIN_SCALE
 from pyro_vae.train import SVIStep, main
 from test_evaluate import OneActiveEncoder
 
@@ -148,17 +150,22 @@ def test_widths_one_per_layer_or_one_for_all():
 
 @pytest.mark.parametrize("guide", ["normal", "ladder"])
 def test_evaluate_reports_kl_and_active_units_per_layer(data_dir, guide):
-    """z has one active unit (the encoder's first), z2 none (the nets between the layers ignore their input): the
-    counts are exact. Each layer's q and p then do not depend on the draws of the other, so each layer's KL term
-    has a closed form; the terms come from the same draws as the whole KL and add up to it."""
+    """z has one active unit (the encoder's first), z2 none (the nets between the layers ignore their input, and
+    p(z | z2) is N(0, 1)): the counts are exact. Each layer's q and p then do not depend on the draws of the other,
+    so each layer's KL term has a closed form; the terms come from the same draws as the whole KL and add up to it."""
     config = dataclasses.replace(_config(2, guide), data_dir=str(data_dir), test_size=64)
     vae = build_vae(config)
     vae.encoder = OneActiveEncoder(config.latent_dim)
-    for net in [*vae.top_down, *vae.bottom_up]:
+    for net in vae.bottom_up:
         _silence(net, "input")
+    last = vae.top_down[0].body[-1]
+    with torch.no_grad():  # p(z | z2) = N(0, 1): the ladder's merge halves the encoder's loc, whatever the seed
+        last.weight.zero_()
+        last.bias[:last.out_features // 2] = 0.0
+        last.bias[last.out_features // 2:] = math.log(math.expm1(1 - MIN_SCALE))  # softplus^-1
     run = TrainedVAE(vae, config, {"epoch": 1})
-    k = 200
-    results = evaluate_run(run, k=k, limit=32, batch_size=16, chunk=100, progress=False)
+    k = 50  # few draws: the guide's mean of a layer, not the mean of its draws, keeps the inactive units at 0
+    results = evaluate_run(run, k=k, limit=32, batch_size=16, chunk=25, progress=False)
     layers = results["layers"]
     assert [row["site"] for row in layers] == ["z", "z2"] and [row["width"] for row in layers] == [4, 3]
     assert [row["active_units"] for row in layers] == [1, 0]
