@@ -3,7 +3,9 @@
 `uv run python benchmarks/bench.py` (or `uv run python -m benchmarks.bench`) times the trainer's
 own training step (the VAE from `build_vae`, stepped by `pyro_vae.train.SVIStep` as the training
 loop steps it) and that of a yardstick: the same networks with the same single-sample ELBO written
-in plain PyTorch and one `torch.optim.Adam`. The sides run in interleaved blocks (A B A B ...)
+in plain PyTorch and one `torch.optim.Adam`. On CUDA each side also runs captured as a CUDA graph
+(`project-graph`: the trainer's own captured step; `yardstick-graph`: the hand-written step captured
+by hand), every ratio against the eager yardstick. The sides run in interleaved blocks (A B A B ...)
 after a warm-up, so a burst of load from another process hits both alike; the figure of merit is
 the median over the pairs of (project block time / yardstick block time). Evaluation
 (`elbo_per_image`, and the K-sample log-likelihood that `pyro_vae.evaluate` offers) and peak
@@ -17,6 +19,7 @@ that it computes the same objective.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import platform
@@ -24,6 +27,7 @@ import resource
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from datetime import date
@@ -71,24 +75,61 @@ def yardstick_loss(encoder, decoder, x: torch.Tensor, num_data: int, eps: torch.
 
 
 class Yardstick:
-    """A plain PyTorch training step: nets from make_nets, the loss above, one Adam over all parameters."""
+    """A plain PyTorch training step: nets from make_nets, the loss above, one Adam over all parameters.
 
-    def __init__(self, config: Config, num_data: int, device: torch.device):
+    capture (CUDA only): after WARMUP_STEPS eager steps on a side stream, the step is captured as a CUDA graph
+    by hand, as torch's documentation does it (static batch, Adam with capturable=True), and replayed.
+    """
+
+    WARMUP_STEPS = 3
+
+    def __init__(self, config: Config, num_data: int, device: torch.device, capture: bool = False):
         self.encoder, self.decoder = (net.to(device) for net in make_nets(config))
         self.num_data = num_data
         params = [*self.encoder.parameters(), *self.decoder.parameters()]
-        self.optimizer = torch.optim.Adam(params, lr=config.lr)
+        self.optimizer = torch.optim.Adam(params, lr=config.lr, capturable=capture)
+        self.stream = torch.cuda.Stream(device) if capture else None
+        self.graph, self.eager_steps = None, 0
 
     def scope(self) -> AbstractContextManager:
         return nullcontext()
 
     def step(self, x: torch.Tensor) -> torch.Tensor:
         # No .item(): a hand-written loop need not wait for the loss; SVI.step's float is part of what is measured.
+        if self.stream is not None and self.graph is None and self.eager_steps >= self.WARMUP_STEPS:
+            self._capture(x)
+        if self.graph is not None:
+            self.static_x.copy_(x)
+            self.graph.replay()
+            return self.static_loss.clone()
+        self.eager_steps += 1
+        if self.stream is None:
+            return self._eager_step(x)
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            loss = self._eager_step(x)
+        torch.cuda.current_stream().wait_stream(self.stream)
+        loss.record_stream(torch.cuda.current_stream())
+        return loss
+
+    def _eager_step(self, x: torch.Tensor) -> torch.Tensor:
         loss = yardstick_loss(self.encoder, self.decoder, x, self.num_data)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self.optimizer.step()
+        with warnings.catch_warnings():  # torch warns that a capturable Adam steps uncaptured: the warm-up does
+            warnings.filterwarnings("ignore", message="This instance was constructed with capturable=True")
+            self.optimizer.step()
         return loss.detach()
+
+    def _capture(self, x: torch.Tensor) -> None:
+        self.static_x = x.clone()
+        self.graph = torch.cuda.CUDAGraph()
+        self.optimizer.zero_grad(set_to_none=True)  # backward allocates the gradients in the graph's memory
+        with torch.cuda.graph(self.graph, stream=self.stream):
+            loss = yardstick_loss(self.encoder, self.decoder, self.static_x, self.num_data)
+            loss.backward()
+            self.optimizer.step()
+        self.static_loss = loss.detach()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -99,7 +140,7 @@ class ProjectTrainer:
     """The training step of pyro_vae.train: the VAE from build_vae, stepped by SVIStep as the loop steps it."""
 
     def __init__(self, config: Config, num_data: int, device: torch.device):
-        self.vae = build_vae(config, num_data=num_data).to(device)
+        self.vae = build_vae(config, num_data=num_data).to(device)  # config.cuda_graph: captured on CUDA or not
         # Pyro keeps parameters in one global store, by name; each side has its own (entered by scope()),
         # which also stands for the loop's pyro.clear_param_store().
         self._store = {"params": {}, "constraints": {}}
@@ -220,17 +261,22 @@ def quartiles(values: list[float]) -> tuple[float, float, float]:
 
 
 def bench_config(args: argparse.Namespace, batch_size: int) -> Config:
-    """The Config the trainer would get for these settings (everything else at its default)."""
+    """The Config the trainer would get for these settings (everything else at its default), its step eager."""
     return Config(batch_size=batch_size, latent_dim=args.latent_dim, arch=args.arch,
                   conv_channels=tuple(args.conv_channels), hidden_dim=args.hidden_dim, lr=args.lr,
-                  seed=args.seed, device=args.device, data_dir=args.data_dir)
+                  seed=args.seed, device=args.device, data_dir=args.data_dir, cuda_graph=False)
 
 
 def build_sides(config: Config, num_data: int, args: argparse.Namespace) -> dict:
-    """The trainer's step and the yardstick, plus stock SVI if asked for; equal initial weights."""
+    """The trainer's step and the yardstick, eager and (on CUDA) captured, plus stock SVI if asked for; equal
+    initial weights."""
     device = torch.device(config.device)
     makers = {"project": lambda: ProjectTrainer(config, num_data, device),
               "yardstick": lambda: Yardstick(config, num_data, device)}
+    if device.type == "cuda" and not args.no_cuda_graph:
+        makers["project-graph"] = lambda: ProjectTrainer(dataclasses.replace(config, cuda_graph=True), num_data,
+                                                          device)
+        makers["yardstick-graph"] = lambda: Yardstick(config, num_data, device, capture=True)
     if args.stock_svi:
         makers["stock-svi"] = lambda: StockSVI(config, num_data, device)
     sides = {}
@@ -330,10 +376,13 @@ def load_data(args: argparse.Namespace) -> MNIST:
     return load_mnist(args.data_dir, device=device, train_size=args.train_size, test_size=args.test_size)
 
 
-def run(args: argparse.Namespace) -> dict:
-    """Every benchmark the arguments ask for, as one JSON-ready dict."""
+def run(args: argparse.Namespace, progress: Callable[[dict], None] = lambda results: None) -> dict:
+    """Every benchmark the arguments ask for, as one JSON-ready dict; progress(results) after each part, so
+    a run stopped early keeps what it measured."""
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True  # as the training loop: every batch has one shape
     pyro.set_rng_seed(args.seed)
     data = load_data(args)
     results = {
@@ -348,10 +397,13 @@ def run(args: argparse.Namespace) -> dict:
     for batch_size in args.batch_size:
         result = bench_training(bench_config(args, batch_size), data, args)
         results["training"].append(result)
-        print(f"bench: batch {batch_size}: project/yardstick {result['ratio']:.3f}", file=sys.stderr,
-              flush=True)  # progress: a full run takes minutes
+        ratios = ", ".join(f"{name}/yardstick {side['ratio_to_yardstick']:.3f}"
+                           for name, side in result["sides"].items() if "ratio_to_yardstick" in side)
+        print(f"bench: batch {batch_size}: {ratios}", file=sys.stderr, flush=True)  # a full run takes minutes
+        progress(results)
     if not args.no_eval:
         results["evaluation"] = bench_evaluation(bench_config(args, args.batch_size[0]), data, args)
+        progress(results)
     return results
 
 
@@ -384,6 +436,23 @@ def format_training_row(result: dict) -> str:
     return "\n".join(lines)
 
 
+# the GPU bars of issue 20, as ratios to the eager yardstick at batch 128
+BARS = {"project": 1.10, "project-graph": 0.90}
+
+
+def format_bars(results: dict) -> list[str]:
+    """Where each measured ratio stands against its bar."""
+    lines = []
+    for t in results["training"]:
+        for name, bar in BARS.items():
+            side = t["sides"].get(name)
+            if side is not None and t["batch_size"] == 128:
+                ratio = side["ratio_to_yardstick"]
+                lines.append(f"  bar: {name}/yardstick at batch 128 {ratio:.3f}, at most {bar:.2f}: "
+                             f"{'met' if ratio <= bar else 'missed'}")
+    return lines
+
+
 def format_report(results: dict) -> str:
     """The whole result as a plain-text table."""
     r = results
@@ -401,6 +470,8 @@ def format_report(results: dict) -> str:
         f"{'cpu ratio':>9s}",
     ]
     lines += [format_training_row(t) for t in r["training"]]
+    if r["device"].startswith("cuda"):
+        lines += format_bars(r)
     memory = [t.get("peak_memory_bytes") or t.get("peak_rss_bytes") for t in r["training"]]
     if r["device"].startswith("cuda"):
         for t in r["training"]:
@@ -453,6 +524,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=10, help="training steps per timed block")
     parser.add_argument("--repeats", type=int, default=15, help="interleaved (project, yardstick) block pairs")
     parser.add_argument("--warmup", type=int, default=2, help="untimed blocks per side first")
+    parser.add_argument("--no-cuda-graph", action="store_true",
+                        help="on CUDA, leave out the captured sides (project-graph, yardstick-graph)")
     parser.add_argument("--stock-svi", action="store_true",
                         help="also time pyro.infer.SVI with pyro.optim.Adam, validation on every step: what the "
                              "trainer used before (side stock-svi)")
@@ -496,10 +569,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    results = run(args)
+
+    def save(results: dict) -> None:
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+
+    results = run(args, save)
     print("\n" + format_report(results), flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
         print(f"bench: wrote {args.json}", flush=True)
     return 0
 

@@ -78,7 +78,7 @@ def _commit() -> str:
 def _variant(config: Config) -> str:
     """The fields that differ from the defaults, as flags."""
     default = Config()
-    skip = {"out", "device", "epochs", "data_dir"}
+    skip = {"out", "device", "epochs", "data_dir", "cuda_graph"}  # where and how it ran, not what
     changed = [f for f in dataclasses.fields(Config)
                if f.name not in skip and getattr(config, f.name) != getattr(default, f.name)]
     def value(v) -> str:

@@ -6,7 +6,9 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -18,6 +20,7 @@ from .trained import TrainedVAE
 FORMAT = "pyro_vae.checkpoint/1"
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"  # one JSON line per epoch, appended by the trainer
+NEARLY_FULL = 1 << 20  # bytes: a write that fails with less free than this failed for want of space
 PRETRAINED = Path(__file__).resolve().parent.parent / "pretrained"  # the trained runs that ship with the project
 
 
@@ -26,14 +29,36 @@ class CheckpointError(Exception):
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Write state atomically: a kill at any moment leaves the previous file readable."""
+    """Write state atomically: a kill at any moment leaves the previous file readable, and a failed write (a full
+    disk) leaves it too, removes the partial file and raises CheckpointError saying why."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save({"format": FORMAT, **state}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({"format": FORMAT, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        reason = _write_failure(e, path.parent)  # before the partial file goes: it may hold the last free bytes
+        tmp.unlink(missing_ok=True)
+        if reason is None:  # an interruption (Ctrl-C), not a failure to write
+            raise
+        raise CheckpointError(f"cannot write {path}: {reason}; the previous checkpoint there is kept") from e
+
+
+def _write_failure(e: BaseException, folder: Path) -> str | None:
+    """Why writing into folder failed, in words; None for an interruption, which is no failure of the disk.
+
+    torch.save reports a full disk as "enforce fail at inline_container.cc" (the errno is lost on the way),
+    so a disk with (almost) no free space left is taken to be the cause.
+    """
+    if not isinstance(e, (OSError, RuntimeError)):
+        return None
+    free = shutil.disk_usage(folder).free
+    if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or free < NEARLY_FULL:
+        return f"no space left on the device of the run directory {folder} ({free:,} bytes free)"
+    return str(e)
 
 
 def _locate(path: str | Path) -> Path:

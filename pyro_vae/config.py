@@ -107,6 +107,8 @@ class Config:
     device: str = _opt(default_device, "torch device (default: cuda when available, else cpu)")
     out: str = _opt("", "run directory (default: runs/<date>-<time>)")
     eval_batch_size: int = _opt(1000, "images per batch when evaluating", minimum=1)
+    cuda_graph: bool = _opt(True, "on CUDA, capture the training step in a CUDA graph after a few eager steps and "
+                                  "replay it (--no-cuda-graph: every step eager; ignored on the CPU and under torchrun)")
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
@@ -269,8 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = Config()
     for f in dataclasses.fields(Config):
         meta, default = f.metadata, getattr(defaults, f.name)
-        if f.type == "bool":
-            parser.add_argument(_flag(f.name), action="store_true", help=meta["help"])
+        if f.type == "bool":  # a flag that turns it on, or --no-... for one that is on by default
+            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction if default else "store_true",
+                                default=default, help=meta["help"])
             continue
         kind = {"int": int, "float": float, "str": str, "tuple": int}[f.type]
         parser.add_argument(_flag(f.name), type=kind, default=default, help=meta["help"],

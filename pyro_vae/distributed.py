@@ -1,14 +1,16 @@
 """Data-parallel training on PyTorch's own engine: `torchrun --nproc_per_node N -m pyro_vae.train ...`.
 
-Each rank runs the same model and guide on its shard of every global batch; gradients are averaged
-across ranks before the optimizer steps, so all ranks keep identical parameters. The `data` plate
-still scales by N / B, so each rank's loss, and their mean, estimates the whole-data ELBO.
+Each rank runs the same model and guide on its shard of every global batch. The ELBO is the forward
+pass of a module (Pyro's `ELBOModule` pattern) wrapped in torch's DistributedDataParallel, which
+averages the gradients across ranks while the backward pass runs, so all ranks keep identical
+parameters. The `data` plate scales each rank's shard by N / (B / ranks), so the averaged gradient
+is that of the global batch, and the ranks' mean loss estimates the whole-data ELBO. One path for
+gloo (CPU) and NCCL (GPU).
 """
 
 from __future__ import annotations
 
 import os
-import signal
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +32,11 @@ class Ranks:
     @property
     def active(self) -> bool:
         return self.world > 1
+
+
+def launched_rank() -> int:
+    """This process's rank as torchrun sets it (0 in a plain run), known before the process group exists."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def setup(device_type: str) -> Ranks:
@@ -66,24 +73,28 @@ def all_gather(obj, ranks: Ranks) -> list:
     return gathered
 
 
-def average_gradients(params: list[torch.Tensor], loss: torch.Tensor, ranks: Ranks, stop) -> torch.Tensor:
-    """Average the gradients of params, and the loss, over the ranks in one all-reduce; return the mean loss.
+def data_parallel(module: torch.nn.Module, ranks: Ranks, find_unused: bool = False) -> torch.nn.Module:
+    """module under DistributedDataParallel: its gradients averaged over the ranks during backward.
 
-    Only parameters that have a gradient take part: every rank runs the same program on the same kind
-    of batch, so that is the same list, in the same order, on every rank. A stop request on any rank is
-    shared in the same all-reduce, so every rank stops after the same step (reading that flag is the one
-    wait for the device per step under torchrun; the loss stays a tensor on the device).
+    find_unused: some batch leaves a parameter out of the loss; DDP then looks for such parameters after
+    every forward pass (they keep no gradient, and Adam skips them, as in one process).
     """
-    params = [p for p in params if p.grad is not None]
-    grad = params[0].grad
-    requested = torch.full((1,), float(stop.signum is not None), dtype=grad.dtype, device=grad.device)
-    flat = torch.cat([p.grad.reshape(-1) for p in params] + [loss.reshape(1).to(grad), requested])
-    dist.all_reduce(flat)
-    flat /= ranks.world
-    offset = 0
-    for p in params:
-        p.grad = flat[offset:offset + p.numel()].view_as(p)
-        offset += p.numel()
-    if flat[-1].item() > 0 and stop.signum is None:
-        stop.signum = signal.SIGTERM  # another rank was asked to stop
-    return flat[-2].clone()  # not a view: that would keep the whole gradient buffer alive
+    from torch.nn.parallel import DistributedDataParallel
+
+    device = next(module.parameters()).device
+    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
+                                   broadcast_buffers=False, find_unused_parameters=find_unused)
+
+
+def agree(loss: torch.Tensor, stop_requested: bool, ranks: Ranks) -> tuple[torch.Tensor, bool]:
+    """The ranks' mean loss, and whether any rank was asked to stop, in one small all-reduce.
+
+    Every rank acts on the agreed flag, never on its own: a signal that lands on one rank after this
+    all-reduce is shared in the next step's, so all ranks stop after the same step. Reading the flag
+    is the one wait for the device per step under torchrun; the loss stays a tensor on the device.
+    """
+    both = torch.stack([loss.detach().reshape(()), torch.full((), float(stop_requested), device=loss.device,
+                                                               dtype=loss.dtype)])
+    dist.all_reduce(both)
+    both /= ranks.world
+    return both[0].clone(), bool(both[1] > 0)  # clone: not a view that keeps `both` alive

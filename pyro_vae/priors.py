@@ -25,7 +25,10 @@ class Prior(nn.Module):
     def __init__(self, latent_dim: int):
         super().__init__()
         self.latent_dim = latent_dim
-        self.register_buffer("zero", torch.zeros(()), persistent=False)  # carries the device and dtype
+        # the constants of the distributions, on the model's device: a Python number there would be copied from
+        # the host on every step (a wait for the GPU, and a copy a CUDA graph cannot hold)
+        self.register_buffer("zero", torch.zeros(()), persistent=False)
+        self.register_buffer("one", torch.ones(()), persistent=False)
 
     @classmethod
     def from_config(cls, config, encoder: nn.Module) -> Prior:
@@ -55,7 +58,7 @@ class LabelConditional(Prior):
         return cls(config.latent_dim, learned=config.class_prior == "learned")
 
     def forward(self, y: torch.Tensor) -> dist.Distribution:
-        return dist.Normal(self.class_means[y], 1.0).to_event(1)  # y (...) -> batch (...), event (D,)
+        return dist.Normal(self.class_means[y], self.one).to_event(1)  # y (...) -> batch (...), event (D,)
 
 
 class StandardNormal(Prior):
@@ -65,14 +68,14 @@ class StandardNormal(Prior):
     label_conditional = LabelConditional
 
     def forward(self, y=None) -> dist.Distribution:
-        return dist.Normal(self.zero, 1.0).expand([self.latent_dim]).to_event(1)
+        return dist.Normal(self.zero, self.one).expand([self.latent_dim]).to_event(1)
 
 
 class Laplace(Prior):
     """p(z) = Laplace(0, 1) per dimension: heavier tails than the normal."""
 
     def forward(self, y=None) -> dist.Distribution:
-        return dist.Laplace(self.zero, 1.0).expand([self.latent_dim]).to_event(1)
+        return dist.Laplace(self.zero, self.one).expand([self.latent_dim]).to_event(1)
 
 
 class StudentT(Prior):
@@ -80,14 +83,14 @@ class StudentT(Prior):
 
     def __init__(self, latent_dim: int, df: float):
         super().__init__(latent_dim)
-        self.df = df
+        self.register_buffer("df", torch.tensor(float(df)), persistent=False)
 
     @classmethod
     def from_config(cls, config, encoder: nn.Module) -> StudentT:
         return cls(config.latent_dim, config.studentt_df)
 
     def forward(self, y=None) -> dist.Distribution:
-        return dist.StudentT(self.df, self.zero, 1.0).expand([self.latent_dim]).to_event(1)
+        return dist.StudentT(self.df, self.zero, self.one).expand([self.latent_dim]).to_event(1)
 
 
 class MixtureOfGaussians(Prior):
@@ -142,7 +145,7 @@ class Flow(Prior):
         return cls(config.latent_dim, config.flow_steps, config.flow_hidden_factor * config.latent_dim)
 
     def forward(self, y=None) -> dist.Distribution:
-        base = dist.Normal(self.zero, 1.0).expand([self.latent_dim]).to_event(1)
+        base = dist.Normal(self.zero, self.one).expand([self.latent_dim]).to_event(1)
         steps = [t for coupling in self.couplings for t in (coupling, T.Permute(self.reverse))]
         return dist.TransformedDistribution(base, steps)
 

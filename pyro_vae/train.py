@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import math
 import os
@@ -11,18 +13,20 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from contextlib import contextmanager, nullcontext
 from datetime import datetime
 from pathlib import Path
 
 import pyro
 import torch
+from pyro.infer.elbo import ELBOModule
 from tqdm.auto import tqdm
 
 from .checkpoint import (CHECKPOINT_NAME, METRICS_NAME, CheckpointError, read_checkpoint, run_directory,
                          save_checkpoint)
 from .config import Config, parse_command_line
-from .data import DataError, load_mnist
+from .data import IMAGE_SHAPE, DataError, load_mnist
 from .estimators import make_elbo
 from .evaluate import elbo_per_image
 from . import distributed, plot
@@ -32,6 +36,7 @@ from .trained import TrainedVAE
 NUM_RECONSTRUCTIONS_SHOWN = 32  # fixed test digits, shown above their reconstructions
 LOSS_READ_EVERY = 50  # steps between reads of the losses on the host: each read waits for the GPU to catch up
 BEST_NAME = "best.pt"
+LOCK_NAME = ".lock"  # in the run directory while a training writes there
 
 
 class RunDirError(Exception):
@@ -71,19 +76,62 @@ def _tried(e: BaseException) -> str:
     return f" (it tried to allocate {found.group(1)})" if found else ""
 
 
-def make_run_dir(config: Config, overwrite: bool = False) -> Path:
-    """The run directory (created); an existing run in it is an error unless overwrite."""
+class RunLock:
+    """A lock on a run directory, held for as long as one training writes there: a second one is refused.
+
+    An flock on RUN/.lock, which holds the owner's process id. The kernel drops the flock when its process
+    dies, however it dies; a lock file whose flock is free is the stale lock of a run that was killed, and
+    is taken over with a line saying so.
+    """
+
+    def __init__(self, out: Path):
+        self.path = out / LOCK_NAME
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise RunDirError(f"cannot create run directory {out}: {e.strerror or e}") from e
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.read(self.fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(self.fd)
+            raise RunDirError(f"run directory {out} is in use by another training (process {owner}); wait for it "
+                              "to end, or choose another --out") from None
+        previous = os.read(self.fd, 32).decode(errors="replace").strip()
+        if previous and previous != str(os.getpid()):
+            print(f"pyro_vae: taking over the lock of {out}, left by process {previous}, which ended without "
+                  "releasing it", file=sys.stderr, flush=True)
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, str(os.getpid()).encode(), 0)
+
+    def release(self) -> None:
+        self.path.unlink(missing_ok=True)  # while still held: no other run can take the lock of a dead file
+        os.close(self.fd)
+
+
+def make_run_dir(config: Config, overwrite: bool = False) -> tuple[Path, RunLock]:
+    """The run directory (created) and its lock, held; an existing run in it is an error unless overwrite."""
     out = Path(config.out or f"runs/{datetime.now():%Y%m%d-%H%M%S}").expanduser()
-    if (out / CHECKPOINT_NAME).exists() or (out / METRICS_NAME).exists():
-        if not overwrite:
-            raise RunDirError(f"run directory {out} already holds a run; choose another --out, "
-                              f"continue it with --resume {out}, or replace it with --overwrite")
-        shutil.rmtree(out)
     try:
-        (out / "images").mkdir(parents=True, exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # a parent that cannot be created or written, or a file in the way
         raise RunDirError(f"cannot create run directory {out}: {e.strerror or e}") from e
-    return out
+    lock = RunLock(out)  # before anything in the directory is read or removed
+    try:
+        if (out / CHECKPOINT_NAME).exists() or (out / METRICS_NAME).exists():
+            if not overwrite:
+                raise RunDirError(f"run directory {out} already holds a run; choose another --out, "
+                                  f"continue it with --resume {out}, or replace it with --overwrite")
+            for entry in out.iterdir():  # all but the lock, which this run holds
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                elif entry.name != LOCK_NAME:
+                    entry.unlink()
+        (out / "images").mkdir(exist_ok=True)
+    except BaseException:
+        lock.release()
+        raise
+    return out, lock
 
 
 @contextmanager
@@ -140,48 +188,214 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
+class Objective(ELBOModule):
+    """Pyro's ELBOModule for the VAE: its forward is the estimator's differentiable loss of (x, y), and its
+    parameters are the VAE's, so torch's DistributedDataParallel can wrap it."""
+
+    def __init__(self, vae: VAE, elbo):
+        super().__init__(vae.model, vae.guide, elbo)
+        self.vae = vae
+
+
+GRAPH_WARMUP_STEPS = 3  # eager steps of a batch shape before its step is captured; the first runs Pyro's checks
+MAX_GRAPHS = 2  # captured steps kept: one per kind of batch (semi-supervised: unlabelled, labelled)
+
+
 class SVIStep:
     """SVI's training step: the Pyro ELBO's loss and gradients, then one torch Adam over all the VAE's parameters.
 
     Like `pyro.infer.SVI.step` (the estimator's loss and gradients, optimizer, clear the gradients), with one
     `torch.optim.Adam` over `vae.parameters()` in place of pyro.optim's one optimizer per parameter, the
     gradients set to None rather than to fresh zeros, and Pyro's checks of arguments, supports and
-    shapes on the first step only (the tests run every variant's program with them on): together these
-    halve what Pyro adds to a hand-written step (docs/speed.md). The loss is the estimator's
-    `differentiable_loss`, backpropagated here and returned as a tensor on the device: the loop, not the
-    step, decides when to wait for it (Pyro 1.9's estimators still read a few numbers of their own:
-    docs/gpu.md). Under torchrun the gradients are averaged over the ranks before the update. Every
-    module the model and guide use is part of `vae`, so every parameter is here.
+    shapes on the first step only (the tests run every variant's program with them on). The loss is the
+    estimator's `differentiable_loss` (make_elbo's estimators never read a value back from the device),
+    backpropagated here and returned as a tensor on the device: the loop, not the step, decides when to
+    wait for it. Every module the model and guide use is part of `vae`, so every parameter is here.
+
+    On CUDA (with config.cuda_graph, in one process) the step of each batch shape is captured as a CUDA
+    graph after GRAPH_WARMUP_STEPS eager steps and replayed from then on (`_CapturedStep`); a step that
+    cannot be captured stays eager, with one line saying why. Under torchrun the loss is the forward pass
+    of `Objective` under DistributedDataParallel, which averages the gradients over the ranks during the
+    backward pass; one small all-reduce then shares the mean loss and the stop flag (`stop_requested`).
     """
 
     def __init__(self, vae: VAE, config: Config, ranks: distributed.Ranks = distributed.Ranks(), stop=None):
+        self.vae = vae
         self.model, self.guide = vae.model, vae.guide
         self.elbo = make_elbo(config)
         self.params = list(vae.parameters())
-        self.optimizer = torch.optim.Adam(self.params, lr=config.lr)
+        device = self.params[0].device
+        self.capture = config.cuda_graph and device.type == "cuda" and not ranks.active
+        # capturable: Adam's step counts on the device, which a captured step can update
+        self.optimizer = torch.optim.Adam(self.params, lr=config.lr, capturable=self.capture)
+        self.objective = Objective(vae, self.elbo)
+        if ranks.active:
+            self.objective = distributed.data_parallel(self.objective, ranks, self._some_parameter_unused(device))
         self.ranks, self.stop = ranks, stop
         self.validated = False
+        self._agreed_stop = False
+        self._graphs: dict[tuple, _CapturedStep] = {}
+        self._eager_steps: dict[tuple, int] = {}
+        self._stream = torch.cuda.Stream(device) if self.capture else None
 
     def step(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """One update on a minibatch; returns its loss (the -ELBO estimate, scaled to the whole training set),
         a detached scalar tensor on the device."""
-        with pyro.validation_enabled(False) if self.validated else nullcontext():
-            loss = self.elbo.differentiable_loss(self.model, self.guide, x, y)
-            loss.backward()
-        loss = loss.detach()
-        self.validated = True
+        key = (tuple(x.shape), None if y is None else tuple(y.shape))
+        graph = self._graphs.get(key)
+        if graph is None and self.capture and len(self._graphs) < MAX_GRAPHS \
+                and self._eager_steps.get(key, 0) >= GRAPH_WARMUP_STEPS:
+            graph = self._capture(key, x, y)
+        if graph is not None:
+            return graph.replay(x, y, self.vae.kl_weight)
+        self._eager_steps[key] = self._eager_steps.get(key, 0) + 1
+        if self.capture and self._eager_steps[key] == GRAPH_WARMUP_STEPS:
+            # the last eager step before the capture, with every wait for the host an error: a capture could
+            # not hold one, and a capture that fails midway may leave torch's allocator and generator in it
+            try:
+                with _waits_raise():
+                    return self._eager_step(x, y)
+            except Exception as e:  # noqa: BLE001 (the step is taken again below, eagerly; a real error recurs)
+                self._give_up_capture(e)
+        return self._eager_step(x, y)
+
+    def _some_parameter_unused(self, device: torch.device) -> bool:
+        """Whether a batch of some kind (labelled, unlabelled) leaves a parameter out of the loss: the
+        semi-supervised model with --classifier-weight 0 uses q(y | x) on unlabelled batches only. Found on
+        two blank images, on a side random stream."""
+        vae = self.vae
+        x = torch.zeros(2, *IMAGE_SHAPE, device=device)
+        kinds = [torch.zeros(2, dtype=torch.long, device=device)] if vae.conditional else []
+        if not vae.conditional or vae.classifier is not None:
+            kinds.append(None)  # the unlabelled batch
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+                pyro.validation_enabled(False):
+            return any(any(g is None for g in torch.autograd.grad(self.objective(x, y), self.params,
+                                                                  allow_unused=True))
+                       for y in kinds)
+
+    def stop_requested(self) -> bool:
+        """Whether the loop stops after this step: under torchrun the flag the ranks agreed on in the step's
+        all-reduce (every rank acts on the same value); in one process the signal flag itself."""
         if self.ranks.active:
-            loss = distributed.average_gradients(self.params, loss, self.ranks, self.stop)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+            return self._agreed_stop
+        return self.stop is not None and self.stop.signum is not None
+
+    def _eager_step(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        # warm-up steps run on the stream the capture will use (as torch's CUDA graph recipe asks)
+        with pyro.validation_enabled(False) if self.validated else nullcontext(), self._on_capture_stream():
+            if self._graphs:  # a captured step left its static gradients on the parameters
+                self.optimizer.zero_grad(set_to_none=True)
+            loss = self.objective(x, y)
+            loss.backward()  # under DDP this also averages the gradients over the ranks
+            loss = loss.detach()
+            if self.ranks.active:
+                asked = self.stop is not None and self.stop.signum is not None
+                loss, self._agreed_stop = distributed.agree(loss, asked, self.ranks)
+            with self._uncaptured_adam():
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        if self._stream is not None:
+            loss.record_stream(torch.cuda.current_stream())  # made on the capture stream, read on this one
+        self.validated = True
         return loss
 
+    @contextmanager
+    def _uncaptured_adam(self):
+        """torch warns that a capturable Adam steps outside a capture: the warm-up steps do, on purpose."""
+        if not self.optimizer.defaults["capturable"]:
+            yield
+            return
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="This instance was constructed with capturable=True")
+            yield
+
+    @contextmanager
+    def _on_capture_stream(self):
+        if self._stream is None:
+            yield
+            return
+        self._stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self._stream):
+            yield
+        torch.cuda.current_stream().wait_stream(self._stream)
+
+    def _capture(self, key: tuple, x: torch.Tensor, y: torch.Tensor | None) -> _CapturedStep | None:
+        try:
+            graph = _CapturedStep(self, x, y)
+        except Exception as e:  # noqa: BLE001 (whatever stops the capture, the eager step still trains)
+            self._give_up_capture(e)
+            return None
+        self._graphs[key] = graph
+        return graph
+
+    def _give_up_capture(self, e: Exception) -> None:
+        """From now on every step is eager; one line says why."""
+        self.capture = False
+        self.optimizer.zero_grad(set_to_none=True)
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"pyro_vae: this training step cannot be captured as a CUDA graph ({type(e).__name__}: {reason}); "
+              "every step runs eagerly", file=sys.stderr, flush=True)
+
     def load_state(self, state: dict, path: Path) -> None:
-        """Adam's moments from a checkpoint."""
+        """Adam's moments from a checkpoint (written with or without a captured step)."""
         if set(state) != {"state", "param_groups"}:
             raise CheckpointError(f"{path} holds the optimizer state of an older pyro_vae (one Pyro optimizer per "
                                   "parameter): it loads with pyro_vae.load but cannot be resumed")
         self.optimizer.load_state_dict(state)
+        for group in self.optimizer.param_groups:  # the saved groups say how the run that wrote them stepped
+            group["capturable"] = self.capture
+            for p in group["params"]:
+                s = self.optimizer.state.get(p, {})
+                if "step" in s:  # on the device for a captured step, on the CPU otherwise (torch's convention)
+                    s["step"] = s["step"].to(torch.float32).to(p.device if self.capture else "cpu")
+
+
+@contextmanager
+def _waits_raise():
+    """torch's sync debug mode "error": a call that would make the host wait for the GPU raises instead."""
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+
+
+class _CapturedStep:
+    """One training step (model and guide traces, loss, backward, Adam) captured as a CUDA graph.
+
+    The batch and the KL weight are read from static tensors, refilled before each replay; the draws
+    of z stay fresh, since CUDA's Philox generator is graph-safe (each replay advances its offset).
+    Every batch of the loop has one shape (the plan drops the short last batch), so one graph serves
+    a run; a batch of another shape takes the eager step.
+    """
+
+    def __init__(self, svi: SVIStep, x: torch.Tensor, y: torch.Tensor | None):
+        self.x, self.y = x.clone(), None if y is None else y.clone()
+        self.kl_weight = torch.full((), float(svi.vae.kl_weight), device=x.device)
+        self.graph = torch.cuda.CUDAGraph()
+        svi.optimizer.zero_grad(set_to_none=True)  # backward allocates the gradients inside the graph's memory
+        weight, svi.vae.kl_weight = svi.vae.kl_weight, self.kl_weight  # the model reads the tensor, not a float
+        try:
+            with pyro.validation_enabled(False), torch.cuda.graph(self.graph, stream=svi._stream):
+                loss = svi.objective(self.x, self.y)
+                loss.backward()
+                svi.optimizer.step()
+        finally:
+            svi.vae.kl_weight = weight
+        self.loss = loss.detach()
+        svi.optimizer.zero_grad(set_to_none=True)  # the graph keeps its own gradient memory
+
+    def replay(self, x: torch.Tensor, y: torch.Tensor | None, kl_weight: float) -> torch.Tensor:
+        """One training step on (x, y): copy them in, replay, return a copy of the loss (the next replay
+        overwrites it)."""
+        self.x.copy_(x)
+        if self.y is not None:
+            self.y.copy_(y)
+        self.kl_weight.fill_(float(kl_weight))
+        self.graph.replay()
+        return self.loss.clone()
 
 
 def _read_losses(pending: list[torch.Tensor], step: int, epoch: int, config: Config, out: Path) -> list[float]:
@@ -264,31 +478,45 @@ def _drop_metrics_after(out: Path, epoch: int) -> None:
 def train(config: Config, overwrite: bool = False) -> Path:
     """Train the VAE that config describes; return the run directory it wrote."""
     ranks = distributed.setup(torch.device(config.device).type)
+    lock = None
     if ranks.is_main:  # under torchrun only rank 0 writes the run directory
-        out = make_run_dir(config, overwrite)
+        out, lock = make_run_dir(config, overwrite)
         config.out = str(out)
-        config.save(out / "config.json")
-    return _fit(config, Path(config.out), None, ranks)
+    return _fit(config, Path(config.out), None, ranks, lock)
 
 
 def resume(run_dir: str | Path) -> Path:
     """Continue an interrupted run from its last checkpoint, with its saved config, to the same end."""
-    state = read_checkpoint(run_dir)
+    out = run_directory(run_dir)
+    # rank 0 locks first: a run still training there is "in use", whatever its checkpoint says
+    lock = RunLock(out) if out.is_dir() and distributed.launched_rank() == 0 else None
     try:
-        config = Config.from_dict(state["config"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{run_dir} holds a checkpoint of another version of pyro_vae: {e}") from e
-    problems = config.errors()  # what the command line checks for a new run: the machine may have changed
-    if problems:
-        raise ConfigError(f"--resume {run_dir}: its saved config cannot run here: {'; '.join(problems)}")
-    return _fit(config, run_directory(run_dir), state, distributed.setup(torch.device(config.device).type))
+        state = read_checkpoint(run_dir)
+        try:
+            config = Config.from_dict(state["config"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{run_dir} holds a checkpoint of another version of pyro_vae: {e}") from e
+        problems = config.errors()  # what the command line checks for a new run: the machine may have changed
+        if problems:
+            raise ConfigError(f"--resume {run_dir}: its saved config cannot run here: {'; '.join(problems)}")
+        ranks = distributed.setup(torch.device(config.device).type)
+    except BaseException:
+        if lock:
+            lock.release()
+        raise
+    return _fit(config, out, state, ranks, lock)
 
 
-def _fit(config: Config, out: Path, state: dict | None, ranks: distributed.Ranks) -> Path:
-    """The loop shared by train and resume: state is a checkpoint to continue from, or None."""
+def _fit(config: Config, out: Path, state: dict | None, ranks: distributed.Ranks, lock: RunLock | None) -> Path:
+    """The loop shared by train and resume: state is a checkpoint to continue from, or None; lock is the run
+    directory's (rank 0's), released at the end however the run ends."""
     try:
+        if state is None and ranks.is_main:
+            config.save(out / "config.json")
         return _loop(config, out, state, ranks)
     finally:
+        if lock:
+            lock.release()
         distributed.teardown(ranks)
 
 
@@ -333,12 +561,16 @@ def _loop(config: Config, out: Path, state: dict | None, ranks: distributed.Rank
         if state.get("plan") is not None:  # interrupted inside an epoch: finish that epoch's plan
             plan = [(idx.to(device), labelled) for idx, labelled in zip(state["plan"], state["plan_labelled"])]
             position, losses = state["position"], list(state["epoch_losses"])
+    # where each process of the run began (a start, then each --resume): what a results row says was resumed
+    began = {"step": step, "began": datetime.now().isoformat(timespec="seconds"), "device": str(device),
+             "threads": torch.get_num_threads(), "processes": ranks.world}
+    sessions = [*(state or {}).get("sessions", []), began]
 
     def checkpoint(epochs_done: int, rng: list[dict], **extra) -> dict:
         snapshot = {"config": config.to_dict(), "epoch": epochs_done, "step": step,
                     "model": vae.state_dict(), "optimizer": svi.optimizer.state_dict(), "rng": rng,
                     "param_store": {name: p.detach() for name, p in pyro.get_param_store().items()},
-                    "best_test_elbo": best, **extra}
+                    "best_test_elbo": best, "sessions": sessions, **extra}
         save_checkpoint(out / CHECKPOINT_NAME, snapshot)
         return snapshot
 
@@ -358,18 +590,19 @@ def _loop(config: Config, out: Path, state: dict | None, ranks: distributed.Rank
                 pending.append(svi.step(x, y))  # on the device; read every LOSS_READ_EVERY steps, not each step
                 step += 1
                 bar.update()
-                if (len(pending) == LOSS_READ_EVERY or stop.signum is not None or i + 1 == len(plan)
+                stopping = svi.stop_requested()  # under torchrun the ranks' agreed flag: all stop after this step
+                if (len(pending) == LOSS_READ_EVERY or stopping or i + 1 == len(plan)
                         or step == config.max_steps):  # read (and check) before any checkpoint is written
                     losses += _read_losses(pending, step, epoch, config, out)
                     pending = []
                     bar.set_postfix(objective=f"{-sum(losses[-20:]) / len(losses[-20:]) / data.num_train:.2f}")
-                if stop.signum is not None and i + 1 < len(plan):
+                if stopping and i + 1 < len(plan):
                     bar.close()
                     rng = distributed.all_gather(_rng_state(device), ranks)  # each rank resumes its own stream
                     if ranks.is_main:
                         checkpoint(epoch - 1, rng, plan=[idx.cpu() for idx, _ in plan],
                                    plan_labelled=[lab for _, lab in plan], position=i + 1, epoch_losses=losses)
-                    raise Interrupted(out, stop.signum)
+                    raise Interrupted(out, stop.signum or signal.SIGTERM)  # SIGTERM: another rank's signal
                 if step == config.max_steps:
                     break
             bar.close()
@@ -381,8 +614,8 @@ def _loop(config: Config, out: Path, state: dict | None, ranks: distributed.Rank
                 snapshot = checkpoint(epoch, rng)
                 if improved:
                     save_checkpoint(out / BEST_NAME, snapshot)
-            if stop.signum is not None:
-                raise Interrupted(out, stop.signum)
+            if svi.stop_requested():  # the last step's agreed flag: a later signal stops the next epoch's first step
+                raise Interrupted(out, stop.signum or signal.SIGTERM)
             epoch, plan, position, losses = epoch + 1, None, 0, []
     if not ranks.is_main:
         return out
@@ -402,6 +635,17 @@ def main(argv=None) -> int:
     except Interrupted as e:
         print(f"\npyro_vae: {e}", file=sys.stderr)
         return 128 + e.signum
+    except KeyboardInterrupt:  # a second Ctrl-C or SIGTERM: stopped at once, inside a step or a write
+        run = options.resume or config.out
+        print(f"\npyro_vae: stopped at once by a second signal; the last checkpoint in {run} is kept (continue "
+              f"with: python -m pyro_vae.train --resume {run})", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"error: no space left on the device of the run directory {options.resume or config.out} "
+              f"(writing {e.filename or 'a file'}); the last checkpoint there is kept", file=sys.stderr)
+        return 1
     except ConfigError as e:  # a bad value, like a bad flag
         print(f"error: {e}", file=sys.stderr)
         return 2

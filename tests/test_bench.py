@@ -116,3 +116,24 @@ def test_bad_flags_exit_with_code_2(flags):
     with pytest.raises(SystemExit) as exit_info:
         main(["--synthetic", *flags])
     assert exit_info.value.code == 2
+
+
+def test_step_cost_compares_each_variant_with_the_default_step(tmp_path, data_dir, capsys):
+    from benchmarks import step_cost
+
+    out = tmp_path / "cost.json"
+    assert step_cost.main(["--prior flow --guide iaf", "--latent-dim 4", "--batch-size", "8", "--train-size", "64",
+                           "--steps", "1", "--repeats", "2", "--warmup", "0", "--device", "cpu",
+                           "--data-dir", str(data_dir), "--json", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert list(results) == ["default", "--prior flow --guide iaf", "--latent-dim 4"]
+    sizes = {name: row["parameters"] for name, row in results.items()}  # each side is the model its flags make
+    assert sizes["--latent-dim 4"] < sizes["default"] < sizes["--prior flow --guide iaf"]
+    for name in list(results)[1:]:
+        for clock in ("wall", "cpu"):
+            assert 0 < results[name][f"ratio_{clock}"]["q1"] <= results[name][f"ratio_{clock}"]["median"] \
+                <= results[name][f"ratio_{clock}"]["q3"]
+    assert "--prior flow --guide iaf" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:  # a variant's flags are the trainer's, checked by its parser
+        step_cost.main(["--prior nonsense", "--device", "cpu"])
+    assert exit_info.value.code == 2

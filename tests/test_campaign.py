@@ -87,6 +87,48 @@ def test_collect_keeps_the_state_and_adds_each_new_row_once(campaign, tmp_path, 
     assert (state / "state.json").exists() and "| conv32 | full |" in readme.read_text()
 
 
+def test_the_tiny_dry_run_prints_the_plan_of_a_15_minute_window(campaign, tmp_path, capsys):
+    """One start, then a first call of 8 minutes: the CUDA tests (stopped at 2 min), the bench (1.5 min), conv32 in
+    full with K = 1000 on all test images, all within its budget by the estimates; rows that cannot fit a window
+    are not in the plan."""
+    assert campaign.main(["--tiny", "--plan", "--state", str(tmp_path / "nothing")]) == 0
+    printed = capsys.readouterr().out
+    assert "a window is 15 min of device time" in printed and "none starts with under 4 min left" in printed
+    assert "this call's budget is 480 s" in printed and "a second call with --budget" in printed
+    runs = campaign.Campaign(tmp_path / "work", tmp_path / "out", "cpu", True, campaign.Budget(campaign.FIRST_CALL_S))
+    plan = runs.plan(campaign.STEPS)
+    for what, seconds, note in plan:  # each row printed with its estimate
+        assert re.search(rf"{re.escape(what)} +{seconds:.0f} s  {re.escape(note)}", printed), what
+    first_call = plan[:4]
+    assert [what for what, _, _ in first_call] == ["cuda-tests", "bench", "conv32 training", "conv32 evaluation"]
+    notes = {what: note for what, _, note in plan}
+    assert notes["cuda-tests"] == "stopped at 120 s" and notes["bench"] == "stopped at 90 s"
+    assert notes["conv32 training"].startswith("100 of 100 epochs") and "K = 1000 on all 10,000" in notes[
+        "conv32 evaluation"]
+    assert sum(seconds for _, seconds, _ in first_call) <= campaign.FIRST_CALL_S - runs.budget.pack
+    for out_of_plan in ("best", "hierarchical_iwae", "hierarchical_moonshot", "ablation_elbo_iwae_50"):
+        assert out_of_plan not in campaign.STEPS and out_of_plan not in printed
+
+
+def test_a_command_step_is_stopped_cleanly_at_its_budget_and_the_next_one_runs(campaign, tmp_path, monkeypatch):
+    """The bench (here a stand-in command that would run for a minute) gets SIGINT at its limit and is settled as
+    stopped, not retried; the next step still runs in the same call."""
+    monkeypatch.setattr(campaign, "STEP_LIMITS", {"bench": 2, "cuda-tests": 60})
+    monkeypatch.setattr(campaign, "BENCH_COMMAND", ["-c", "import time; print('benching', flush=True); time.sleep(60)"])
+    monkeypatch.setattr(campaign, "CUDA_TESTS", ["-c", "print('tests ran')"])
+    runs = campaign.Campaign(tmp_path / "work", tmp_path / "out", "cpu", True, campaign.Budget(300, pack=0.0))
+    started = campaign.time.monotonic()
+    runs.call(["bench", "cuda-tests"])
+    assert campaign.time.monotonic() - started < 30
+    state = json.loads((tmp_path / "out" / "state.json").read_text())
+    assert state["steps"]["bench"]["status"] == "stopped" and "budget of 2 s" in state["steps"]["bench"]["error"]
+    assert state["steps"]["cuda-tests"]["status"] == "done"
+    log = (tmp_path / "out" / "campaign.log").read_text()
+    assert "benching" in log and "(SIGINT) at its budget" in log and "tests ran" in log
+    runs.call(["bench", "cuda-tests"])  # settled: a second call does not run either again
+    assert (tmp_path / "out" / "campaign.log").read_text().count("\nbenching\n") == 1
+
+
 def test_the_campaign_needs_a_gpu_unless_tiny(campaign, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(campaign.torch.cuda, "is_available", lambda: False)
     assert campaign.main(["--out", str(tmp_path)]) == 1

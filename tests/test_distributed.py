@@ -5,14 +5,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from pyro_vae.checkpoint import read_checkpoint
-from pyro_vae.train import BEST_NAME
 
 ROOT = Path(__file__).resolve().parent.parent
 TOLERANCE = 0.02  # relative: the ranks draw their own z and so differ from one process by sampling noise
@@ -47,35 +45,37 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(data_di
 
 @pytest.mark.slow
 def test_two_processes_stopped_mid_epoch_resume_to_the_same_parameters(data_dir, tmp_path):
-    """Each rank comes back with its own random stream (its z and binarization noise), not rank 0's."""
+    """Each rank comes back with its own random stream (its z and binarization noise), not rank 0's; a checkpoint
+    of two processes is not resumed by one."""
     flags = ["--epochs", "2", "--train-size", "1024", "--test-size", "64", "--batch-size", "8", "--latent-dim", "2",
              "--conv-channels", "4", "8", "--data-dir", str(data_dir), "--device", "cpu", "--seed", "5"]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                "-m", "pyro_vae.train"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cut = tmp_path / "cut"
+    cut, at = tmp_path / "cut", 128 + 20  # inside epoch 2 (128 steps an epoch)
     with open(tmp_path / "cut.err", "w") as err:
-        proc = subprocess.Popen(torchrun + flags + ["--out", str(cut)], cwd=ROOT, stdout=subprocess.PIPE,
-                                stderr=err, text=True, env=env)
-        for line in proc.stdout:  # wait for the first epoch to end, then stop the run inside the second
-            if line.startswith("epoch   1/2"):
+        # rank 0 stops before step `at` and says so (tests/train_at_step.py); rank 1 waits for it in the all-reduce
+        proc = subprocess.Popen(torchrun + [str(ROOT / "tests" / "train_at_step.py"), str(at), "signal", *flags,
+                                            "--out", str(cut)], cwd=ROOT, stdout=subprocess.PIPE, stderr=err,
+                                text=True, env=env)
+        for line in proc.stdout:
+            if line.strip() == f"at step {at}":
                 break
-        # The epoch line comes before the pictures and checkpoints; a signal then would (rightly) stop the run at the
-        # end of epoch 1. best.pt is written last before epoch 2 starts, so wait for it, whatever the machine's load.
-        deadline = time.monotonic() + 120
-        while not (cut / BEST_NAME).exists() and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.02)
-        time.sleep(0.1)  # past the end-of-epoch check, well inside the 128 steps of epoch 2
         proc.send_signal(signal.SIGTERM)  # torchrun passes it on to each rank, as a scheduler's would be
         proc.communicate(timeout=120)
     state = read_checkpoint(cut)
-    assert state["epoch"] == 1 and 0 < state["position"] < 128, "the signal should land inside epoch 2"
+    assert state["epoch"] == 1 and state["position"] == 20, (tmp_path / "cut.err").read_text()
+    assert len(state["rng"]) == 2  # one random state per rank
 
-    resumed = subprocess.run(torchrun + ["--resume", str(cut)], cwd=ROOT, capture_output=True, text=True,
-                             timeout=600, env=env)
+    one = subprocess.run([sys.executable, "-m", "pyro_vae.train", "--resume", str(cut)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert one.returncode == 1 and one.stderr.count("\n") == 1, one.stderr
+    assert "was saved by 2 training process(es); resume it with as many (now 1)" in one.stderr
+
+    resumed = subprocess.run(torchrun + ["-m", "pyro_vae.train", "--resume", str(cut)], cwd=ROOT, capture_output=True,
+                             text=True, timeout=600, env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    whole = subprocess.run(torchrun + flags + ["--out", str(tmp_path / "whole")], cwd=ROOT, capture_output=True,
-                           text=True, timeout=600, env=env)
+    whole = subprocess.run(torchrun + ["-m", "pyro_vae.train", *flags, "--out", str(tmp_path / "whole")], cwd=ROOT,
+                           capture_output=True, text=True, timeout=600, env=env)
     assert whole.returncode == 0, whole.stderr[-3000:]
     expected, got = read_checkpoint(tmp_path / "whole")["model"], read_checkpoint(cut)["model"]
     assert expected.keys() == got.keys()

@@ -16,6 +16,7 @@ import pyro
 import pytest
 import torch
 from pyro import poutine
+from pyro.infer import Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
 from torch.distributions import kl_divergence
 
 from pyro_vae import Config, build_vae
@@ -123,6 +124,66 @@ def test_trainers_step_estimates_the_definition_at_plate_scale_250(name, images)
     _assert_same_mean(trainer, definition, name)
 
 
+# Config changes, Pyro's own estimator of that config, and whether the batch is labelled
+AS_PYRO = {
+    "trace": ({}, Trace_ELBO, False),
+    "trace, 3 particles": ({"num_particles": 3}, Trace_ELBO, False),
+    "trace, 2 layers": ({"layers": 2}, Trace_ELBO, False),
+    "trace, KL weight a tensor": ({"kl_warmup_epochs": 1.0}, Trace_ELBO, False),
+    "trace, iaf guide": ({"guide": "iaf"}, Trace_ELBO, False),
+    "meanfield": ({"elbo": "meanfield"}, TraceMeanField_ELBO, False),
+    "meanfield, KL weight a tensor": ({"elbo": "meanfield", "kl_warmup_epochs": 1.0}, TraceMeanField_ELBO, False),
+    "enum, unlabelled batch": ({"conditional": True, "labels": 100}, TraceEnum_ELBO, False),
+    "enum, labelled batch": ({"conditional": True, "labels": 100}, TraceEnum_ELBO, True),
+    "enum, KL weight a tensor": ({"conditional": True, "labels": 100, "kl_warmup_epochs": 1.0}, TraceEnum_ELBO, False),
+}
+
+
+@pytest.mark.parametrize("name", AS_PYRO)
+def test_each_estimator_gives_pyros_loss_and_gradients_on_the_same_draws(name, images):
+    """make_elbo's estimators read nothing back from the device, yet compute what Pyro's own do: the same loss and
+    gradients, in float64 (in float32 they differ by rounding: the sums run in another order)."""
+    changes, pyro_class, labelled = AS_PYRO[name]
+    config = _config(**changes)
+    x, labels = images
+    x, y = x.double(), labels if labelled else None
+    with _float64():
+        _assert_same_loss_and_gradients(config, pyro_class, x, y)
+
+
+@contextlib.contextmanager
+def _float64():
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def _assert_same_loss_and_gradients(config, pyro_class, x, y):
+    vae = build_vae(config, num_data=NUM_DATA)
+    # the captured CUDA step gives the model its KL warm-up weight as a tensor
+    vae.kl_weight = torch.tensor(0.3, dtype=torch.float64) if config.kl_warmup_epochs else 1.0
+    ours = make_elbo(config)
+    theirs = pyro_class(num_particles=ours.num_particles, vectorize_particles=True, max_plate_nesting=1)
+    assert type(ours) is not pyro_class and isinstance(ours, pyro_class)
+    results = []
+    for elbo in (theirs, ours):
+        pyro.set_rng_seed(11)  # the same draws of z for both
+        loss = elbo.differentiable_loss(vae.model, vae.guide, x, y)
+        named = [(n, p) for n, p in vae.named_parameters()]
+        grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
+        results.append((loss.detach(), {n: g for (n, _), g in zip(named, grads)}))
+    (pyro_loss, pyro_grads), (loss, grads) = results
+    assert loss.item() == pytest.approx(pyro_loss.item(), rel=1e-12)
+    assert grads.keys() == pyro_grads.keys()
+    for n, want in pyro_grads.items():
+        if want is None:
+            assert grads[n] is None, n
+        else:
+            torch.testing.assert_close(grads[n], want, rtol=1e-10, atol=1e-10 * want.abs().max().item(), msg=n)
+
+
 def test_iwae_gradient_is_n_over_b_times_the_per_image_bounds_gradient(images):
     """Same draws: the IWAE loss and gradient are N / B times those of the summed unscaled per-image bounds."""
     config = _config(elbo="iwae", num_particles=5)
@@ -158,7 +219,7 @@ def test_iwae_refuses_a_guide_it_cannot_differentiate():
 
 def test_iwae_under_torchrun_each_rank_scales_its_shard_and_the_mean_is_the_whole_batch(images):
     """Each rank's plate subsamples B / W images, so its factor is N / (B / W); the ranks' mean loss (what
-    distributed.average_gradients reports) is then -(N / B) times the sum of all B per-image bounds."""
+    the trainer reports under torchrun) is then -(N / B) times the sum of all B per-image bounds."""
     x, _ = images
     vae = build_vae(_config(elbo="iwae", num_particles=3), num_data=NUM_DATA)
     shards = x.chunk(2)  # what train._loop gives ranks 0 and 1

@@ -1,8 +1,11 @@
 """Runs survive interruption, bad input gets a clear error, nothing is lost."""
 
+import argparse
 import dataclasses
+import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -68,6 +71,10 @@ def test_sigterm_mid_epoch_then_resume_ends_with_the_same_parameters(small_confi
 
     resumed = resume(tmp_path / "cut")
     _assert_same_weights(_final_weights(whole), _final_weights(resumed))
+    assert [s["step"] for s in read_checkpoint(resumed)["sessions"]] == [0, 11]  # begun, then resumed at step 11
+    assert [s["step"] for s in read_checkpoint(whole)["sessions"]] == [0]
+    session = read_checkpoint(whole)["sessions"][0]
+    assert (session["device"], session["threads"], session["processes"]) == ("cpu", torch.get_num_threads(), 1)
     _assert_same_weights(_final_weights(whole), _final_weights(resume(older)))
     rows = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     expected = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
@@ -75,31 +82,80 @@ def test_sigterm_mid_epoch_then_resume_ends_with_the_same_parameters(small_confi
     assert [r["train_objective"] for r in rows] == pytest.approx([r["train_objective"] for r in expected])
 
 
+AT_STEP = [sys.executable, str(ROOT / "tests" / "train_at_step.py")]  # the CLI, stopping before a step and saying so
+STEPS_PER_EPOCH = 128  # of TINY_RUN
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny runs; two threads on a busy machine spin and crawl
+TINY_RUN = ["--epochs", "2", "--train-size", "1024", "--test-size", "64", "--batch-size", "8", "--latent-dim", "2",
+            "--conv-channels", "4", "8", "--device", "cpu"]
+
+
+def _start_at_step(step: int, how: str, flags: list[str], **kwargs) -> subprocess.Popen:
+    """The training CLI in a subprocess, stopped before SVI step `step` (see tests/train_at_step.py); returns once
+    it says it is there."""
+    proc = subprocess.Popen(AT_STEP + [str(step), how] + flags, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **{"env": ONE_THREAD, **kwargs})
+    for line in proc.stdout:
+        if line.strip() == f"at step {step}":
+            return proc
+    raise AssertionError(f"the run ended before step {step}: {proc.communicate()[1][-3000:]}")
+
+
 @pytest.mark.slow
 def test_cli_sigterm_in_a_subprocess_checkpoints_and_resumes_exactly(data_dir, tmp_path):
-    flags = ["--epochs", "2", "--train-size", "8192", "--test-size", "64", "--batch-size", "8", "--latent-dim", "2",
-             "--conv-channels", "4", "8", "--data-dir", str(data_dir), "--device", "cpu"]
+    flags = TINY_RUN + ["--data-dir", str(data_dir)]
     cli = [sys.executable, "-m", "pyro_vae.train"]
     run = tmp_path / "cut"
-    proc = subprocess.Popen(cli + flags + ["--out", str(run)], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    for line in proc.stdout:  # wait for the first epoch to end, then stop the process inside the second
-        if line.startswith("epoch   1/2"):
-            break
-    time.sleep(0.5)
+    proc = _start_at_step(STEPS_PER_EPOCH + 5, "signal", flags + ["--out", str(run)])  # inside epoch 2
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert f"--resume {run}" in err and "Traceback" not in err
     state = read_checkpoint(run)
-    assert state["epoch"] == 1 and 0 < state["position"] < 1024, "the signal should land inside epoch 2"
+    assert state["epoch"] == 1 and state["position"] == 5 and state["step"] == STEPS_PER_EPOCH + 5
 
-    resumed = subprocess.run(cli + ["--resume", str(run)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(cli + ["--resume", str(run)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                             env=ONE_THREAD)
     assert resumed.returncode == 0, resumed.stderr
     whole = subprocess.run(cli + flags + ["--out", str(tmp_path / "whole")], cwd=ROOT, capture_output=True,
-                           text=True, timeout=300)
+                           text=True, timeout=300, env=ONE_THREAD)
     assert whole.returncode == 0, whole.stderr
     _assert_same_weights(_final_weights(tmp_path / "whole"), _final_weights(run))
+
+
+@pytest.mark.slow
+def test_ctrl_c_checkpoints_after_the_step_and_a_second_ctrl_c_stops_at_once(data_dir, tmp_path):
+    flags = TINY_RUN + ["--data-dir", str(data_dir)]
+    once = tmp_path / "once"
+    proc = _start_at_step(STEPS_PER_EPOCH + 3, "signal", flags + ["--out", str(once)])
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT, err
+    assert f"SIGINT: stopped and saved {once / 'checkpoint.pt'}" in err and "Traceback" not in err
+    assert read_checkpoint(once)["position"] == 3
+
+    twice = tmp_path / "twice"
+    proc = _start_at_step(STEPS_PER_EPOCH + 3, "second-signal", flags + ["--out", str(twice)])
+    proc.send_signal(signal.SIGINT)
+    assert proc.stdout.readline().strip() == "first signal"  # the first one is in: the step waits for the second
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + signal.SIGINT, err
+    assert "stopped at once by a second signal" in err and f"--resume {twice}" in err and "Traceback" not in err
+    assert err.strip().count("\n") == 0  # one line
+    state = read_checkpoint(twice)  # the end of epoch 1's, whole; nothing half-written, no lock left behind
+    assert state["epoch"] == 1 and "position" not in state
+    assert sorted(p.name for p in twice.iterdir() if p.name.startswith(".")) == []
+
+
+@pytest.mark.slow
+def test_running_out_of_memory_during_training_is_one_line_naming_the_batch_size(data_dir, tmp_path):
+    flags = ["--epochs", "1", "--train-size", "2048", "--test-size", "64", "--batch-size", "1024",
+             "--data-dir", str(data_dir), "--device", "cpu", "--out", str(tmp_path / "run")]
+    proc = _start_at_step(2, "memory", flags)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err
+    assert err.startswith("error: out of memory") and "--batch-size (now 1024)" in err and "Traceback" not in err
+    assert err.count("\n") == 1
 
 
 def test_a_checkpoint_of_the_pyro_optimizer_era_loads_but_is_not_resumed(small_config):
@@ -306,3 +362,93 @@ def test_environment_problems_exit_1_with_one_line(flags, message, data_dir, tmp
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert err.startswith(message) and err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_a_second_training_into_the_same_out_is_refused_while_the_first_runs(data_dir, tmp_path):
+    run = tmp_path / "run"
+    flags = TINY_RUN + ["--epochs", "1", "--data-dir", str(data_dir), "--out", str(run)]
+    first = _start_at_step(3, "stdin", flags, stdin=subprocess.PIPE)  # holds the run directory, waiting
+    second = subprocess.run([sys.executable, "-m", "pyro_vae.train", *flags], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120, env=ONE_THREAD)
+    assert second.returncode == 1, second.stderr
+    assert second.stderr == (f"error: run directory {run} is in use by another training (process {first.pid}); "
+                             "wait for it to end, or choose another --out\n")
+    resumed = subprocess.run([sys.executable, "-m", "pyro_vae.train", "--resume", str(run)], cwd=ROOT,
+                             capture_output=True, text=True, timeout=120, env=ONE_THREAD)
+    assert resumed.returncode == 1 and "is in use by another training" in resumed.stderr
+    first.stdin.write("go\n")
+    first.stdin.flush()
+    _, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert not (run / ".lock").exists()  # released at the end
+
+
+def test_a_lock_left_by_a_dead_process_is_taken_over_with_a_line(small_config, capsys):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    out = Path(small_config.out)
+    out.mkdir(parents=True)
+    (out / ".lock").write_text(dead.stdout.strip())  # its flock went with it
+    argv = ["--epochs", "1", "--max-steps", "1", "--train-size", "64", "--test-size", "64", "--batch-size", "64",
+            "--latent-dim", "2", "--conv-channels", "4", "8", "--data-dir", small_config.data_dir,
+            "--out", str(out), "--device", "cpu"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert f"taking over the lock of {out}, left by process {dead.stdout.strip()}" in err
+    assert not (out / ".lock").exists() and (out / "checkpoint.pt").is_file()
+
+
+def _argv_tiny(config, out) -> list[str]:
+    return ["--epochs", "2", "--train-size", "128", "--test-size", "64", "--batch-size", "64", "--latent-dim", "2",
+            "--conv-channels", "4", "8", "--data-dir", config.data_dir, "--out", str(out), "--device", "cpu"]
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_previous_checkpoint(small_config, monkeypatch,
+                                                                                    capsys):
+    """The second epoch's checkpoint finds the disk full, as a file system reports it at fsync (or at write)."""
+    import pyro_vae.checkpoint as checkpoint
+
+    real_fsync, calls = os.fsync, []
+
+    def fsync_on_a_full_disk(fd):
+        calls.append(fd)
+        if len(calls) == 3:  # epoch 1: checkpoint.pt, best.pt; epoch 2: checkpoint.pt
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(checkpoint.os, "fsync", fsync_on_a_full_disk)
+    out = Path(small_config.out)
+    assert main(_argv_tiny(small_config, out)) == 1
+    err = capsys.readouterr().err
+    expected = (re.escape(f"error: cannot write {out / 'checkpoint.pt'}: no space left on the device of the run "
+                          f"directory {out} (") + r"[\d,]+ bytes free\); the previous checkpoint there is kept\n")
+    assert re.fullmatch(expected, err), err
+    assert read_checkpoint(out)["epoch"] == 1  # intact
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no temp file, no lock
+
+
+@pytest.mark.slow
+def test_a_real_full_disk_is_one_line_and_keeps_the_previous_checkpoint(data_dir, tmp_path):
+    """A 2 MB tmpfs as the run directory, filled while the run waits in epoch 2 (needs root to mount)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root); the fsync test above covers the same path")
+    try:
+        run = disk / "run"
+        flags = _argv_tiny(argparse.Namespace(data_dir=str(data_dir)), run)
+        proc = _start_at_step(3, "stdin", flags, stdin=subprocess.PIPE)  # epoch 1 (2 steps) is saved
+        size = (run / "checkpoint.pt").stat().st_size
+        free = shutil.disk_usage(disk).free
+        (disk / "filler").write_bytes(b"\0" * (free - size // 2))  # room for pictures, not for a checkpoint
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 1, err
+        assert err.startswith(f"error: cannot write {run / 'checkpoint.pt'}: no space left on the device of the "
+                              f"run directory {run}") and err.count("\n") == 1
+        assert read_checkpoint(run)["epoch"] == 1
+        assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == []
+    finally:
+        subprocess.run(["umount", str(disk)])

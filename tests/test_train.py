@@ -1,5 +1,6 @@
 """Training end to end: the loop lowers the loss, the CLI writes every artefact, runs load back exactly."""
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -66,6 +67,127 @@ def test_pyro_checks_the_first_training_step_only():
     svi.step(grey.bernoulli())
     assert math.isfinite(svi.step(grey).item())
     assert pyro.infer.util.is_validation_enabled()  # as the test set it, outside the step
+
+
+# What reads a value back from the device (on a GPU: a wait for it to catch up), or makes a tensor on the
+# device from Python numbers (on a GPU: a copy from the host that waits, and one a CUDA graph cannot hold)
+HOST_READS = ("item", "__bool__", "tolist", "__float__", "__int__", "cpu", "numpy")
+SYNC_FREE = {
+    "trace": {},
+    "meanfield": {"elbo": "meanfield"},
+    "trace, two layers": {"layers": 2},
+    "trace, ladder guide and vamp prior": {"layers": 2, "guide": "ladder", "prior": "vamp"},
+    "iwae": {"elbo": "iwae", "num_particles": 3},
+    "enum (semi-supervised), both kinds of batch": {"conditional": True, "labels": 100},
+    "cvae": {"conditional": True},
+    "kl warm-up": {"kl_warmup_epochs": 1.0},
+    "prior laplace": {"prior": "laplace"},
+    "prior mog": {"prior": "mog"},
+    "prior flow": {"prior": "flow"},
+    "guide iaf": {"guide": "iaf"},
+    "likelihood normal": {"likelihood": "normal", "binarize": "none"},
+}
+
+
+def _host_reads_per_step(svi: SVIStep, batches: list, monkeypatch) -> dict:
+    """Calls of each host-reading Tensor method, and of torch.tensor(..., device=...), inside svi.step over the
+    batches, after two warm-up rounds (the first step runs Pyro's checks); Adam's CPU step counts left out."""
+    for _ in range(2):
+        for x, y in batches:
+            svi.step(x, y)
+    adam_steps = {id(s["step"]) for s in svi.optimizer.state.values()}
+    counts = {}
+
+    def counting(name, real):
+        def method(self, *args, **kwargs):
+            if id(self) not in adam_steps:
+                counts[name] = counts.get(name, 0) + 1
+            return real(self, *args, **kwargs)
+        return method
+
+    def made_on_device(real):
+        def make(*args, **kwargs):
+            if kwargs.get("device") is not None:
+                counts["torch.tensor(..., device=...)"] = counts.get("torch.tensor(..., device=...)", 0) + 1
+            return real(*args, **kwargs)
+        return make
+
+    with monkeypatch.context() as patch:
+        for name in HOST_READS:
+            patch.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
+        for name in ("tensor", "as_tensor"):
+            patch.setattr(torch, name, made_on_device(getattr(torch, name)))
+        for x, y in batches:
+            svi.step(x, y)
+    return {name: n / len(batches) for name, n in counts.items()}
+
+
+@pytest.mark.parametrize("name", SYNC_FREE)
+def test_the_training_step_reads_nothing_back_from_the_device_after_the_first_steps(name, monkeypatch):
+    """Pyro 1.9's Trace_ELBO read 4 numbers per step here (.item() on each site), and 2 more for its NaN check;
+    make_elbo's estimators read none, so on a GPU the step never waits and can be captured as a CUDA graph."""
+    config = Config(conv_channels=(4, 8), latent_dim=4, device="cpu", **SYNC_FREE[name])
+    vae = build_vae(config, num_data=1000)
+    vae.kl_weight = 0.4 if config.kl_warmup_epochs else 1.0
+    x = torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    x = x if config.binarize == "none" else x.bernoulli()
+    y = torch.arange(8) % 10
+    batches = [(x, None), (x, y)] if config.labels else [(x, y if config.conditional else None)]
+    assert _host_reads_per_step(SVIStep(vae, config), batches, monkeypatch) == {}
+
+
+def test_the_count_of_host_reads_sees_pyros_own_estimator(monkeypatch):
+    """The counter above, on Pyro's Trace_ELBO: the reads it must see (so that zero above means none)."""
+    config = Config(conv_channels=(4, 8), latent_dim=4, device="cpu")
+    svi = SVIStep(build_vae(config, num_data=1000), config)
+    svi.elbo = svi.objective.elbo = pyro.infer.Trace_ELBO(vectorize_particles=True, max_plate_nesting=1)
+    x = torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(0)).bernoulli()
+    assert _host_reads_per_step(svi, [(x, None)], monkeypatch) == {"item": 4, "__bool__": 2}
+
+
+@pytest.mark.parametrize("fails_in", ["the last warm-up step", "the capture"])
+def test_a_step_that_cannot_be_captured_trains_on_eagerly_after_one_line(fails_in, capsys, monkeypatch):
+    """On the CPU the step is never captured; where a capture is tried and fails (here: no CUDA), in the last
+    warm-up step (run with every wait for the GPU an error) or in the capture itself, one line says so and
+    training goes on eagerly, exactly as if no capture had been tried."""
+    if fails_in == "the capture":
+        monkeypatch.setattr(train_module, "_waits_raise", contextlib.nullcontext)
+    config = Config(conv_channels=(4, 8), latent_dim=4, device="cpu")
+    batches = [torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(s)).bernoulli() for s in range(3)]
+    runs = []
+    for try_capture in (False, True):
+        pyro.clear_param_store()
+        torch.manual_seed(0)
+        vae = build_vae(config, num_data=1000)
+        svi = SVIStep(vae, config)
+        assert not svi.capture  # config.cuda_graph is on, but this is the CPU
+        svi.capture = try_capture  # as on CUDA
+        losses = [svi.step(x).item() for _ in range(train_module.GRAPH_WARMUP_STEPS + 2) for x in batches]
+        runs.append((losses, vae.state_dict(), svi))
+    (eager_losses, eager_weights, _), (losses, weights, svi) = runs
+    err = capsys.readouterr().err
+    assert err.count("cannot be captured as a CUDA graph") == 1 and "every step runs eagerly" in err
+    assert not svi.capture and not svi._graphs and vae.kl_weight == 1.0
+    assert losses == eager_losses
+    for name, value in eager_weights.items():
+        assert torch.equal(weights[name], value), name
+
+
+def test_adam_state_saved_by_a_captured_step_resumes_in_an_eager_one():
+    """A captured step's Adam keeps its step counts on the GPU and says capturable in its saved groups; an eager
+    step loading that state keeps them on the CPU, as torch's eager Adam needs (and the reverse on CUDA)."""
+    config = Config(conv_channels=(4, 8), latent_dim=4, device="cpu")
+    x = torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(0)).bernoulli()
+    svi = SVIStep(build_vae(config, num_data=1000), config)
+    svi.step(x)
+    state = svi.optimizer.state_dict()
+    for group in state["param_groups"]:
+        group["capturable"] = True  # as SVIStep on CUDA saves it
+    resumed = SVIStep(build_vae(config, num_data=1000), config)
+    resumed.load_state(state, Path("checkpoint.pt"))
+    assert all(not group["capturable"] for group in resumed.optimizer.param_groups)
+    assert all(s["step"].device.type == "cpu" for s in resumed.optimizer.state.values())
+    assert math.isfinite(resumed.step(x).item())
 
 
 def test_the_loop_reads_the_losses_from_the_device_every_few_steps_and_at_the_end_of_each_epoch(small_config,
