@@ -572,6 +572,13 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in the help, except None: those flags say in words what happens without them."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pyro_vae.evaluate",
@@ -579,13 +586,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "Writes RUN/evaluation.json (for a shipped pretrained/NAME, runs/NAME/evaluation.json) and prints "
                     "a table. After each batch the totals so far are saved beside it (evaluation.partial.json): run the "
                     "same command again after a kill and it continues from there.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument("run", help="run directory or checkpoint file")
     parser.add_argument("--k", type=int, default=1000, help="draws from q(z|x) per image for log p(x)")
     parser.add_argument("--limit", type=int, default=0, help="use only the first N test images (0: all)")
     parser.add_argument("--batch-size", type=int, default=None,
-                        help="images per batch (default: sized from the device's memory, with --chunk)")
+                        help="images per forward pass and per saved batch (default: sized from the device's "
+                             "memory, with --chunk)")
     parser.add_argument("--chunk", type=int, default=None,
                         help="draws of z per forward pass; memory grows with batch size x chunk (default: as many as "
                              "the device's budget allows, about 16 MiB of largest activation on the CPU and a "
