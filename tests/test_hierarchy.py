@@ -1,6 +1,7 @@
 """The hierarchical VAE (--layers L): traces, training, the exact value of a linear-Gaussian chain, one layer unchanged."""
 
 import dataclasses
+import math
 from pathlib import Path
 
 import pyro
@@ -13,10 +14,13 @@ from pyro_vae import Config, build_vae
 from pyro_vae.config import parse_args
 from pyro_vae.data import load_mnist
 from pyro_vae.checkpoint import TrainedVAE
+from pyro_vae import evaluate
 from pyro_vae.evaluate import evaluate_run, format_table
 from pyro_vae import plot
 from pyro_vae.model import latent_sites
+from pyro_vae.nets import MIN_SCALE
 from pyro_vae.train import SVIStep, main
+from test_evaluate import OneActiveEncoder
 
 
 def _config(layers=2, guide="normal", **kwargs):
@@ -146,14 +150,38 @@ def test_widths_one_per_layer_or_one_for_all():
 
 @pytest.mark.parametrize("guide", ["normal", "ladder"])
 def test_evaluate_reports_kl_and_active_units_per_layer(data_dir, guide):
+    """z has one active unit (the encoder's first), z2 none (the nets between the layers ignore their input, and
+    p(z | z2) is N(0, 1)): the counts are exact. Each layer's q and p then do not depend on the draws of the other,
+    so each layer's KL term has a closed form; the terms come from the same draws as the whole KL and add up to it."""
     config = dataclasses.replace(_config(2, guide), data_dir=str(data_dir), test_size=64)
-    run = TrainedVAE(build_vae(config), config, {"epoch": 1})
-    results = evaluate_run(run, k=200, limit=32, batch_size=16, chunk=100, progress=False)
+    vae = build_vae(config)
+    vae.encoder = OneActiveEncoder(config.latent_dim)
+    for net in vae.bottom_up:
+        _silence(net, "input")
+    last = vae.top_down[0].body[-1]
+    with torch.no_grad():  # p(z | z2) = N(0, 1): the ladder's merge halves the encoder's loc, whatever the seed
+        last.weight.zero_()
+        last.bias[:last.out_features // 2] = 0.0
+        last.bias[last.out_features // 2:] = math.log(math.expm1(1 - MIN_SCALE))  # softplus^-1
+    run = TrainedVAE(vae, config, {"epoch": 1})
+    k = 50  # few draws: the guide's mean of a layer, not the mean of its draws, keeps the inactive units at 0
+    results = evaluate_run(run, k=k, limit=32, batch_size=16, chunk=25, progress=False)
     layers = results["layers"]
     assert [row["site"] for row in layers] == ["z", "z2"] and [row["width"] for row in layers] == [4, 3]
-    assert all(0 <= row["active_units"] <= row["width"] for row in layers)
-    # the layers' KL terms add up to the whole KL, reconstruction - ELBO (from other draws: a tolerance)
-    assert sum(row["kl"]["mean"] for row in layers) == pytest.approx(results["kl"]["mean"], abs=0.3)
+    assert [row["active_units"] for row in layers] == [1, 0]
+    # the same draws: the layers' terms add up to the whole KL, and that is reconstruction - ELBO
+    assert sum(row["kl"]["mean"] for row in layers) == pytest.approx(results["kl"]["mean"], abs=1e-4)
+    assert results["kl"]["mean"] == pytest.approx(results["reconstruction"]["mean"] - results["elbo"]["mean"],
+                                                  abs=1e-4)
+
+    x = load_mnist(data_dir, binarize="dynamic", test_size=64).test_images[:32]
+    model_trace, guide_trace = evaluate._traces(vae, x, None, 500)  # the spread of one draw's terms
+    for row in layers:
+        q, p = guide_trace.nodes[row["site"]], model_trace.nodes[row["site"]]
+        closed_form = torch.distributions.kl_divergence(q["fn"], p["fn"])[0].mean().item()
+        one_draw = q["fn"].log_prob(q["value"]) - p["fn"].log_prob(q["value"])  # (500, 32)
+        se = (one_draw.var(0).sum() / k).sqrt().item() / 32
+        assert row["kl"]["mean"] == pytest.approx(closed_form, abs=5 * se), row["site"]
     table = format_table(results)
     assert "per stochastic layer" in table and f"{layers[1]['kl']['mean']:.2f}" in table
     one_layer = evaluate_run(TrainedVAE(build_vae(dataclasses.replace(config, layers=1, upper_dims=(),
@@ -191,7 +219,16 @@ def test_hierarchy_samples_hold_the_top_layer_along_rows_or_the_noise_below():
     rows = plot.hierarchy_samples(run, "lower", n=4)
     assert torch.allclose(rows[:, :1].expand_as(rows), rows, atol=1e-5)
     assert (rows[0, 0] - rows[1, 0]).abs().max() > 1e-3  # rows differ
-    assert plot.layer_controls(run, n=3) is not None
+    figure = plot.layer_controls(run, n=3)
+    held_top, held_lower = figure.axes
+    assert held_top.get_title() == "each row one z3; z, z2 redrawn"
+    assert held_lower.get_title() == "each row one noise of z, z2; z3 redrawn"
+    grids = [torch.as_tensor(ax.images[0].get_array().data) for ax in (held_top, held_lower)]
+    assert grids[0].shape == grids[1].shape == (3 * 30 + 2, 3 * 30 + 2)  # 3 x 3 images, 2-pixel lines around
+    tiles = [grid[2:, 2:].unfold(0, 28, 30).unfold(1, 28, 30) for grid in grids]  # (3 rows, 3 columns, 28, 28)
+    assert torch.allclose(tiles[1][:, :1].expand_as(tiles[1]), tiles[1], atol=1e-5)  # the noise below held: one image
+    assert (tiles[1][0, 0] - tiles[1][1, 0]).abs().max() > 1e-3  # rows differ
+    assert (tiles[0][0, 0] - tiles[0][0, 1]).abs().max() > 1e-3  # z3 held, the layers below redrawn: columns differ
 
 
 @pytest.mark.slow  # the CLI end to end
