@@ -1,7 +1,9 @@
 """Run an experiment: train, evaluate, and add a row to experiments/results.csv and the table in docs/results.md.
 
-    uv run python experiments/run.py tf_tutorial            # the short (CPU) version
-    uv run python experiments/run.py conv32 --full          # the full (GPU) version
+    uv run python experiments/run.py tf_tutorial            # the short version: train, evaluate, add the row
+    uv run python experiments/run.py conv32 --full          # the full version
+    uv run python experiments/run.py conv32 --full --run ~/pyro_vae_runs/conv32-full   # a run trained (and
+                                      # resumed) by python -m pyro_vae.train: evaluate it (resumably), add the row
     uv run python experiments/run.py --list
     uv run python experiments/run.py --table                # rewrite docs/results.md's table from results.csv
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import json
 import subprocess
 import sys
 import time
@@ -24,8 +27,9 @@ from pathlib import Path
 import torch
 
 from pyro_vae import Config, load
+from pyro_vae.checkpoint import read_checkpoint
 from pyro_vae.data import load_mnist
-from pyro_vae.evaluate import evaluate_run
+from pyro_vae.evaluate import evaluate_run, partial_path
 from pyro_vae.plot import read_metrics
 from pyro_vae.train import train
 
@@ -36,6 +40,7 @@ RESULTS_PAGE = HERE.parent / "docs" / "results.md"
 COLUMNS = ["experiment", "version", "variant", "epochs", "device", "train_minutes", "test_elbo", "log_px", "k",
            "images", "active_units", "extra", "date", "commit"]
 TABLE_START, TABLE_END = "<!-- results:start -->", "<!-- results:end -->"
+RUN_ONLY = {"out", "device", "data_dir", "epochs", "cuda_graph"}  # where and how long a run ran, not what it is
 
 
 def experiment(name: str) -> dict:
@@ -78,9 +83,8 @@ def _commit() -> str:
 def _variant(config: Config) -> str:
     """The fields that differ from the defaults, as flags."""
     default = Config()
-    skip = {"out", "device", "epochs", "data_dir", "cuda_graph"}  # where and how it ran, not what
     changed = [f for f in dataclasses.fields(Config)
-               if f.name not in skip and getattr(config, f.name) != getattr(default, f.name)]
+               if f.name not in RUN_ONLY and getattr(config, f.name) != getattr(default, f.name)]
     def value(v) -> str:
         return " ".join(map(str, v)) if isinstance(v, tuple) else str(v)  # as typed: --upper-dims 16 8
 
@@ -123,10 +127,52 @@ def run(name: str, *, full: bool, k: int, limit: int, out_root: Path, device: st
     minutes = (time.perf_counter() - started) / 60
     trained = load(run_dir, device=config.device)
     figures = evaluate_run(trained, k=k, limit=limit, device=config.device)
-    row = results_row(name, full, run_dir, trained, figures, minutes, commit)
+    return _add_row(results_row(name, full, run_dir, trained, figures, minutes, commit))
+
+
+def record(name: str, run_dir: Path, *, full: bool, k: int, limit: int, device: str | None = None) -> dict:
+    """Evaluate a run that `python -m pyro_vae.train` trained (and perhaps resumed) as an experiment, and add its row.
+
+    For long runs: train them with the trainer's own command into a directory outside the checkout, resume them
+    as often as needed, then record them here. The run's config must be the experiment's (its out, device, data
+    directory and epochs aside: the row records the epochs). The evaluation resumes too: a partial file beside
+    RUN/evaluation.json keeps the finished batches. train min is the sum of the epochs' training seconds.
+    """
+    state = read_checkpoint(run_dir)
+    trained = load(run_dir, device=device or "cpu")
+    expected = experiment_config(name, full, Path(run_dir).parent, device, trained.config.epochs)
+    differ = [f.name for f in dataclasses.fields(Config) if f.name not in RUN_ONLY
+              and getattr(expected, f.name) != getattr(trained.config, f.name)]
+    if differ:
+        raise SystemExit(f"error: {run_dir} is not a run of {name} ({'full' if full else 'short'}): its "
+                         + ", ".join(f"--{f.replace('_', '-')} {getattr(trained.config, f)!r} (the experiment's: "
+                                     f"{getattr(expected, f)!r})" for f in differ))
+    rows = read_metrics(run_dir)
+    if state["epoch"] < trained.config.epochs or "position" in state:
+        raise SystemExit(f"error: {run_dir} has trained {state['epoch']} of its {trained.config.epochs} epochs; "
+                         f"finish it first: python -m pyro_vae.train --resume {run_dir}")
+    out = Path(run_dir) / "evaluation.json"
+    figures = evaluate_run(trained, k=k, limit=limit, partial=partial_path(out))
+    out.write_text(json.dumps(figures, indent=2) + "\n")
+    partial_path(out).unlink(missing_ok=True)
+    minutes = sum(r["seconds"] for r in rows) / 60
+    row = results_row(name, full, Path(run_dir), trained, figures, minutes, _commit())
+    sessions = state.get("sessions", [])
+    devices = {(s["device"], s["threads"], s["processes"]) for s in sessions}
+    if len(devices) == 1:
+        kind, threads, processes = devices.pop()
+        row["device"] = _device_name(kind, threads) + (f" x {processes} processes" if processes > 1 else "")
+    resumed = [s["step"] for s in sessions if s["step"] > 0]
+    row["extra"] += (f"; trained by python -m pyro_vae.train, resumed at step{'s' if len(resumed) > 1 else ''} "
+                     f"{', '.join(map(str, resumed))}" if resumed else "; trained by python -m pyro_vae.train")
+    row["extra"] += f"; evaluated in {figures['seconds'] / 60:.1f} min ({figures['threads']} thread(s))"
+    return _add_row(row)
+
+
+def _add_row(row: dict) -> dict:
     append_row(row, RESULTS)
     write_table()
-    print(f"experiment {name}: " + ", ".join(f"{key} {row[key]}" for key in COLUMNS[3:11]))
+    print(f"experiment {row['experiment']}: " + ", ".join(f"{key} {row[key]}" for key in COLUMNS[3:11]))
     return row
 
 
@@ -152,10 +198,11 @@ def append_row(row: dict, path: Path) -> None:
         writer.writerow(row)
 
 
-def _device_name(device: str) -> str:
+def _device_name(device: str, threads: int | None = None) -> str:
+    """The device as the table names it: the GPU's name, or the CPU and its torch threads (default: this process's)."""
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
-    threads = torch.get_num_threads()
+    threads = threads or torch.get_num_threads()
     return f"CPU ({threads} thread{'s' if threads > 1 else ''})"
 
 
@@ -190,6 +237,9 @@ def main(argv=None) -> int:
     parser.add_argument("--device", help="override the device of the config")
     parser.add_argument("--epochs", type=int, help="override the epochs of the version (the row records them)")
     parser.add_argument("--out-root", type=Path, default=Path("runs/experiments"))
+    parser.add_argument("--run", type=Path, metavar="RUN",
+                        help="do not train: evaluate RUN, trained for the one experiment named with the trainer's "
+                             "command (and finished), and add its row")
     parser.add_argument("--list", action="store_true", help="list the experiments")
     parser.add_argument("--table", action="store_true", help="rewrite the table of docs/results.md from results.csv")
     args = parser.parse_args(argv)
@@ -204,6 +254,11 @@ def main(argv=None) -> int:
         parser.error("name at least one experiment (see --list)")
     for name in args.names:
         experiment(name)  # fail on a typo before hours of training
+    if args.run:
+        if len(args.names) != 1:
+            parser.error("--run records one experiment's run: name that one experiment")
+        record(args.names[0], args.run, full=args.full, k=args.k, limit=args.limit, device=args.device)
+        return 0
     for name in args.names:
         run(name, full=args.full, k=args.k, limit=args.limit, out_root=args.out_root, device=args.device,
             epochs=args.epochs)
