@@ -64,6 +64,8 @@ def read_metrics(run_dir: Path) -> list[dict]:
     lines = path.read_text().splitlines()
     rows = []
     for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
         try:
             rows.append(json.loads(line))
         except ValueError:
