@@ -1,5 +1,6 @@
-"""Evaluation speed: evaluate's old fixed sizing (100 images x 100 draws per forward pass, torch's threads) against
-its automatic sizing and threads, on the same run, K and images, run alternately; the median of each and their ratio.
+"""Evaluation speed: evaluate's old defaults (100 images x 100 draws per forward pass, torch's threads, contiguous
+weights) against its automatic sizing and threads and, on the CPU, channels-last conv weights, on the same run, K
+and images, run alternately; the median of each and their ratio.
 
     uv run python -m benchmarks.eval_bench pretrained/conv32 --k 1000 --limit 100 --repeats 3
 """
@@ -12,25 +13,43 @@ import os
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from pyro_vae.checkpoint import CheckpointError, load
 from pyro_vae.data import DataError
+from pyro_vae import evaluate
 from pyro_vae.evaluate import evaluate_run
 
-# evaluate's defaults before they were sized from memory: 100 x 100, as many threads as torch starts with
-OLD_SIZING = {"batch_size": 100, "chunk": 100, "threads": torch.get_num_threads()}
-AUTOMATIC = {"batch_size": None, "chunk": None, "threads": None}
+# evaluate's defaults before they were sized from memory: 100 x 100, as many threads as torch starts with, and
+# the weights as they are stored (contiguous), not channels-last
+OLD_SIZING = {"batch_size": 100, "chunk": 100, "threads": torch.get_num_threads(), "channels_last": False}
+AUTOMATIC = {"batch_size": None, "chunk": None, "threads": None, "channels_last": True}
+
+
+@contextmanager
+def _weights_as_stored(channels_last: bool):
+    """Where channels_last is False, evaluate_run keeps the conv weights contiguous, as it did before."""
+    if channels_last:
+        yield
+        return
+    saved = evaluate.MEMORY_FORMATS["channels_last"]
+    evaluate.MEMORY_FORMATS["channels_last"] = torch.contiguous_format
+    try:
+        yield
+    finally:
+        evaluate.MEMORY_FORMATS["channels_last"] = saved
 
 
 def time_evaluation(run, *, k: int, limit: int, batch_size: int | None, chunk: int | None, threads: int | None,
-                    data_dir: str | None = None) -> dict:
+                    channels_last: bool = True, data_dir: str | None = None) -> dict:
     """One evaluate_run: wall, user and system seconds, the sizes and threads it used and its log p(x)."""
     before, started = os.times(), time.perf_counter()
-    results = evaluate_run(run, k=k, limit=limit, batch_size=batch_size, chunk=chunk, threads=threads,
-                           data_dir=data_dir, progress=False)
+    with _weights_as_stored(channels_last):
+        results = evaluate_run(run, k=k, limit=limit, batch_size=batch_size, chunk=chunk, threads=threads,
+                               data_dir=data_dir, progress=False)
     wall, after = time.perf_counter() - started, os.times()
     return {"wall_s": wall, "user_s": after.user - before.user, "system_s": after.system - before.system,
             "batch_size": results["batch_size"], "chunk": results["chunk"], "threads": results["threads"],
