@@ -132,10 +132,10 @@ class Campaign:
         with open(self.work / "campaign.log", "a") as f:
             f.write(line + "\n")
 
-    def command(self, args: list[str], deadline: float, copy_stdout: Path | None = None, should_stop=None,
+    def command(self, args: list[str], deadline: float, copy_stdout: Path | None = None,
                 stop_signal: int = signal.SIGTERM) -> tuple[int, bool]:
         """Run `python args` in the repository root, its output into the log, until it ends or the deadline
-        passes (or should_stop() says so): then stop_signal, and SIGKILL after the grace. Return (rc, stopped)."""
+        passes: then stop_signal, and SIGKILL after the grace. Return (rc, stopped)."""
         env = {**os.environ, "PYTHONUNBUFFERED": "1",
                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         self.log("$ python " + " ".join(args))
@@ -160,7 +160,7 @@ class Campaign:
             reader.start()
         stopped = False
         while proc.poll() is None:
-            if time.monotonic() >= deadline or (should_stop and should_stop()):
+            if time.monotonic() >= deadline:
                 stopped = True
                 self.log(f"stopping pid {proc.pid} ({signal.Signals(stop_signal).name}) at its budget")
                 proc.send_signal(stop_signal)
@@ -324,20 +324,15 @@ class Campaign:
             args = ["-m", "pyro_vae.train", "--resume", str(run_dir)]
         else:  # a run killed before its first checkpoint starts again
             args = ["-m", "pyro_vae.train", *train_flags(config), "--overwrite"]
-        metrics = run_dir / "metrics.jsonl"
-        epochs_before = len(metrics.read_text().splitlines()) if metrics.exists() else 0
-
-        def enough_epochs() -> bool:
-            return bool(self.epochs_per_call) and metrics.exists() and \
-                len(metrics.read_text().splitlines()) >= epochs_before + self.epochs_per_call
-
+        if self.epochs_per_call:  # the trainer stops itself, checkpointed, after these epochs (exit code 0)
+            args += ["--stop-after", str(self.epochs_per_call)]
         started = time.monotonic()
-        rc, stopped = self.command(args, self.budget.deadline(for_training=True), should_stop=enough_epochs)
+        rc, stopped = self.command(args, self.budget.deadline(for_training=True))
         s["train_seconds"] = round(s.get("train_seconds", 0.0) + time.monotonic() - started, 1)
         if finished(run_dir):
             self.log(f"{name}: training finished ({s['train_seconds'] / 60:.1f} min in all)")
             return True
-        if stopped or rc == 128 + signal.SIGTERM:
+        if stopped or rc in (0, 128 + signal.SIGTERM):  # 0 unfinished: stopped by --stop-after
             self.log(f"{name}: training paused at {progress(run_dir)}; the next call resumes it")
         else:
             s["status"], s["error"] = "failed", f"training exited with code {rc}; see campaign.log"

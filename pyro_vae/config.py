@@ -282,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-RUN_OPTIONS = ("resume", "overwrite")  # what to do with the run directory: flags that are not hyperparameters
+RUN_OPTIONS = ("resume", "overwrite", "stop_after")  # what to do with the run directory: flags that are not hyperparameters
 
 
 def parse_command_line(argv=None) -> tuple[Config, argparse.Namespace]:
@@ -291,11 +291,16 @@ def parse_command_line(argv=None) -> tuple[Config, argparse.Namespace]:
     run = parser.add_argument_group("run directory")
     run.add_argument("--resume", metavar="RUN", help="continue the interrupted run in RUN with its saved config")
     run.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    run.add_argument("--stop-after", type=int, default=0, metavar="EPOCHS",
+                     help="stop with a checkpoint after this many epochs of this session, to continue later with "
+                          "--resume (0: train to the end)")
     args = vars(parser.parse_args(argv))
+    if args["stop_after"] < 0:
+        parser.error(f"--stop-after must be at least 0, not {args['stop_after']}")
     options = argparse.Namespace(**{k: args.pop(k) for k in RUN_OPTIONS})
     if options.resume:
         given = sorted({a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:])
-                        if a.startswith("--")} - {"--resume"})
+                        if a.startswith("--")} - {"--resume", "--stop-after"})
         if given:
             parser.error(f"--resume continues a run with its saved config; drop {', '.join(given)}")
         return Config.from_dict(args), options

@@ -52,8 +52,13 @@ def setup(device_type: str) -> Ranks:
     return Ranks(dist.get_rank(), dist.get_world_size(), local_rank)
 
 
-def teardown(ranks: Ranks) -> None:
+def teardown(ranks: Ranks, failed: bool = False) -> None:
+    """Leave the process group. After a barrier, unless this rank failed (its peers may never reach one): a rank
+    that closes its connections while a peer still has a message in flight to it makes gloo's reader on the
+    peer throw, and the peer abort (SIGABRT) at the end of a run that went well."""
     if ranks.active and dist.is_initialized():
+        if not failed:
+            dist.barrier()
         dist.destroy_process_group()
 
 

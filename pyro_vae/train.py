@@ -53,6 +53,15 @@ class Interrupted(Exception):
                          f"continue with: python -m pyro_vae.train --resume {run_dir}")
 
 
+class Paused(Exception):
+    """The run stopped, checkpointed, after the epochs that --stop-after asked of this session."""
+
+    def __init__(self, run_dir: Path, epochs: int):
+        self.run_dir = run_dir
+        super().__init__(f"stopped after {epochs} epoch(s) of this session, as --stop-after asked, and saved "
+                         f"{run_dir / CHECKPOINT_NAME}; continue with: python -m pyro_vae.train --resume {run_dir}")
+
+
 class Diverged(Exception):
     """The loss stopped being a finite number."""
 
@@ -475,18 +484,20 @@ def _drop_metrics_after(out: Path, epoch: int) -> None:
         os.replace(tmp, path)
 
 
-def train(config: Config, overwrite: bool = False) -> Path:
-    """Train the VAE that config describes; return the run directory it wrote."""
+def train(config: Config, overwrite: bool = False, stop_after: int = 0) -> Path:
+    """Train the VAE that config describes; return the run directory it wrote. stop_after > 0: stop with a
+    checkpoint (Paused) after that many epochs, for resume to continue."""
     ranks = distributed.setup(torch.device(config.device).type)
     lock = None
     if ranks.is_main:  # under torchrun only rank 0 writes the run directory
         out, lock = make_run_dir(config, overwrite)
         config.out = str(out)
-    return _fit(config, Path(config.out), None, ranks, lock)
+    return _fit(config, Path(config.out), None, ranks, lock, stop_after)
 
 
-def resume(run_dir: str | Path) -> Path:
-    """Continue an interrupted run from its last checkpoint, with its saved config, to the same end."""
+def resume(run_dir: str | Path, stop_after: int = 0) -> Path:
+    """Continue an interrupted run from its last checkpoint, with its saved config, to the same end (or, with
+    stop_after > 0, for that many more epochs, as train's)."""
     out = run_directory(run_dir)
     # rank 0 locks first: a run still training there is "in use", whatever its checkpoint says
     lock = RunLock(out) if out.is_dir() and distributed.launched_rank() == 0 else None
@@ -504,23 +515,30 @@ def resume(run_dir: str | Path) -> Path:
         if lock:
             lock.release()
         raise
-    return _fit(config, out, state, ranks, lock)
+    return _fit(config, out, state, ranks, lock, stop_after)
 
 
-def _fit(config: Config, out: Path, state: dict | None, ranks: distributed.Ranks, lock: RunLock | None) -> Path:
+def _fit(config: Config, out: Path, state: dict | None, ranks: distributed.Ranks, lock: RunLock | None,
+         stop_after: int = 0) -> Path:
     """The loop shared by train and resume: state is a checkpoint to continue from, or None; lock is the run
     directory's (rank 0's), released at the end however the run ends."""
+    failed = True  # a rank that failed leaves without waiting for its peers, who may never come
     try:
         if state is None and ranks.is_main:
             config.save(out / "config.json")
-        return _loop(config, out, state, ranks)
+        result = _loop(config, out, state, ranks, stop_after)
+        failed = False
+        return result
+    except (Interrupted, Paused):  # every rank stops after the same step, as agreed
+        failed = False
+        raise
     finally:
         if lock:
             lock.release()
-        distributed.teardown(ranks)
+        distributed.teardown(ranks, failed)
 
 
-def _loop(config: Config, out: Path, state: dict | None, ranks: distributed.Ranks) -> Path:
+def _loop(config: Config, out: Path, state: dict | None, ranks: distributed.Ranks, stop_after: int = 0) -> Path:
     if ranks.is_main:
         print(f"pyro_vae: {'resuming' if state else 'training'} in {out}\n{config.describe()}", flush=True)
     device = torch.device(config.device)
@@ -576,6 +594,7 @@ def _loop(config: Config, out: Path, state: dict | None, ranks: distributed.Rank
         save_checkpoint(out / CHECKPOINT_NAME, snapshot)
         return snapshot
 
+    first_epoch = epoch  # of this session: what stop_after counts from
     with stop:
         while epoch <= config.epochs and not (config.max_steps and step >= config.max_steps):
             vae.train()
@@ -619,6 +638,8 @@ def _loop(config: Config, out: Path, state: dict | None, ranks: distributed.Rank
                     save_checkpoint(out / BEST_NAME, snapshot)
             if svi.stop_requested():  # the last step's agreed flag: a later signal stops the next epoch's first step
                 raise Interrupted(out, stop.signum or signal.SIGTERM)
+            if stop_after and epoch - first_epoch + 1 >= stop_after and epoch < config.epochs:
+                raise Paused(out, stop_after)  # the same on every rank: each counts the same epochs
             epoch, plan, position, losses, seconds_before = epoch + 1, None, 0, [], 0.0
     if not ranks.is_main:
         return out
@@ -632,9 +653,12 @@ def main(argv=None) -> int:
     config, options = parse_command_line(argv)
     try:
         if options.resume:
-            resume(options.resume)
+            resume(options.resume, stop_after=options.stop_after)
         else:
-            train(config, overwrite=options.overwrite)
+            train(config, overwrite=options.overwrite, stop_after=options.stop_after)
+    except Paused as e:  # what was asked: not an error
+        print(f"pyro_vae: {e}", flush=True)
+        return 0
     except Interrupted as e:
         print(f"\npyro_vae: {e}", file=sys.stderr)
         return 128 + e.signum

@@ -26,10 +26,16 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(data_di
              "--latent-dim", "4", "--conv-channels", "8", "16", "--binarize", "threshold",
              "--data-dir", str(data_dir), "--device", "cpu", "--seed", "3"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "pyro_vae.train", *flags, "--out", str(tmp_path / "two")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    # in two sessions: --stop-after 2 stops both ranks after epoch 2 (exit 0), and --resume does the third
+    two = subprocess.run(torchrun + ["-m", "pyro_vae.train", *flags, "--out", str(tmp_path / "two"),
+                                     "--stop-after", "2"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env=env)
     assert two.returncode == 0, two.stderr[-3000:]
+    assert "as --stop-after asked" in two.stdout and read_checkpoint(tmp_path / "two")["epoch"] == 2
+    rest = subprocess.run(torchrun + ["-m", "pyro_vae.train", "--resume", str(tmp_path / "two")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert rest.returncode == 0, rest.stderr[-3000:]
     one = subprocess.run([sys.executable, "-m", "pyro_vae.train", *flags, "--out", str(tmp_path / "one")],
                          cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert one.returncode == 0, one.stderr[-3000:]

@@ -409,6 +409,28 @@ def _argv_tiny(config, out) -> list[str]:
             "--conv-channels", "4", "8", "--data-dir", config.data_dir, "--out", str(out), "--device", "cpu"]
 
 
+def test_stop_after_pauses_each_session_checkpointed_and_the_resumed_run_ends_as_an_uninterrupted_one(
+        small_config, tmp_path, capsys):
+    """--stop-after N: exit 0 after N epochs of this session with the checkpoint of the last, on a start and on a
+    resume; the three sessions end with the weights of one uninterrupted run."""
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    argv = _argv_tiny(small_config, cut)
+    argv[1] = "3"  # --epochs 3
+    assert main(argv + ["--stop-after", "1"]) == 0
+    said = capsys.readouterr().out
+    assert "stopped after 1 epoch(s) of this session, as --stop-after asked" in said and f"--resume {cut}" in said
+    assert read_checkpoint(cut)["epoch"] == 1 and len((cut / "metrics.jsonl").read_text().splitlines()) == 1
+    assert main(["--resume", str(cut), "--stop-after", "1"]) == 0
+    assert read_checkpoint(cut)["epoch"] == 2
+    assert main(["--resume", str(cut), "--stop-after", "5"]) == 0  # more than are left: runs to the end
+    assert read_checkpoint(cut)["epoch"] == 3 and len(read_checkpoint(cut)["sessions"]) == 3
+    assert main(_argv_tiny(small_config, whole)[:1] + ["3"] + _argv_tiny(small_config, whole)[2:]) == 0
+    _assert_same_weights(_final_weights(whole), _final_weights(cut))
+    with pytest.raises(SystemExit) as info:
+        main(["--resume", str(cut), "--stop-after", "-1"])
+    assert info.value.code == 2
+
+
 def test_a_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_previous_checkpoint(small_config, monkeypatch,
                                                                                     capsys):
     """The second epoch's checkpoint finds the disk full, as a file system reports it at fsync (or at write)."""
