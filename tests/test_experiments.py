@@ -77,12 +77,17 @@ def test_a_run_trained_and_resumed_by_the_trainer_is_recorded_with_its_sessions(
         assert train_main(flags + ["--latent-dim", "2", "--out", str(run)]) == 128 + signal.SIGTERM
     with pytest.raises(SystemExit, match="has trained 1 of its 2 epochs; finish it first"):
         tiny_experiment.main(["tiny", "--run", str(run), "--k", "5", "--limit", "16"])
-    resume(run)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)  # resumed with another number of threads
+    try:
+        resume(run)
+    finally:
+        torch.set_num_threads(threads)
     assert tiny_experiment.main(["tiny", "--run", str(run), "--k", "5", "--limit", "16"]) == 0
     row, = list(csv.DictReader(open(tmp_path / "results.csv")))
     seconds = sum(json.loads(line)["seconds"] for line in (run / "metrics.jsonl").read_text().splitlines())
     assert row["train_minutes"] == f"{seconds / 60:.1f}" and row["epochs"] == "2" and row["k"] == "5"
-    assert row["device"] == f"CPU ({torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''})"
+    assert row["device"] == f"CPU ({threads}-{threads + 1} threads)"  # the sessions', not the evaluation's
     assert "resumed at step 6" in row["extra"] and "evaluated in" in row["extra"]
     figures = json.loads((run / "evaluation.json").read_text())
     assert row["log_px"] == f"{figures['log_px']['mean']:.2f}" and figures["num_images"] == 16
