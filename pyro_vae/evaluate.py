@@ -279,16 +279,45 @@ def available_memory(device: torch.device) -> int:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+def busy_cores(window: float = 0.2) -> float | None:
+    """How many of this process's cores (its affinity mask) other processes keep busy now: their non-idle share of
+    the CPU time in /proc/stat over a short window. None where /proc/stat cannot be read."""
+    mine = {f"cpu{i}" for i in os.sched_getaffinity(0)}
+
+    def sample() -> tuple[int, int]:
+        total = idle = 0
+        with open("/proc/stat") as f:
+            for line in f:
+                name, *ticks = line.split()
+                if name in mine:
+                    ticks = [int(v) for v in ticks]
+                    total, idle = total + sum(ticks), idle + ticks[3] + (ticks[4] if len(ticks) > 4 else 0)
+        return total, idle  # idle counts iowait too
+    try:
+        total0, idle0 = sample()
+        time.sleep(window)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 <= total0:
+        return None
+    return len(mine) * (1 - (idle1 - idle0) / (total1 - total0))
+
+
 def cpu_threads() -> int:
-    """Torch threads for evaluating on the CPU: one per idle core (the cores less the 1-minute load average), at least
-    one and at most torch's own setting.
+    """Torch threads for evaluating on the CPU: one per idle core, at least one and at most torch's own setting. Busy
+    cores are measured now (busy_cores), not by the 1-minute load average, which still counts a training that has just
+    ended in the same process (experiments/run.py) or the previous run of a benchmark; the load average only where
+    /proc/stat is missing.
 
     Where other jobs keep the cores busy, threads beyond the idle cores spin-wait for each other at every layer of a
     small pass: measured on this project's loaded 2-core CPU, two threads took about 5 times the CPU time and the
     wall time of one (docs/evaluation.md).
     """
     try:
-        idle = len(os.sched_getaffinity(0)) - os.getloadavg()[0]
+        cores = len(os.sched_getaffinity(0))
+        busy = busy_cores()
+        idle = cores - (busy if busy is not None else os.getloadavg()[0])
     except (AttributeError, OSError):  # no affinity mask or load average here
         return torch.get_num_threads()
     return max(1, min(torch.get_num_threads(), round(idle)))
@@ -605,7 +634,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "the device's budget allows, about 16 MiB of largest activation on the CPU and a "
                              "quarter of the free memory on CUDA; a size beyond half the available memory is clamped)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads on the CPU (default: one per idle core, the cores less the load average)")
+                        help="torch threads on the CPU (default: one per idle core, the cores less those busy now)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the draws of z")
     parser.add_argument("--device", default=default_device(), help="torch device (cuda when available, else cpu)")
     parser.add_argument("--data-dir", default=None, help="where MNIST is unpacked (default: the run's --data-dir)")

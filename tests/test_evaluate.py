@@ -398,10 +398,28 @@ def test_automatic_sizing_keeps_the_cpu_passes_small_and_fills_a_share_of_cuda_m
     assert cuda.chunk == 1000 and cuda.batch_size == min(200, 10 * 2 ** 30 // total // 1000)
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="needs Linux's /proc/stat")
+def test_busy_cores_counts_a_spinning_process_now():
+    import subprocess
+    import sys
+    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        busy = evaluate.busy_cores(window=0.5)
+    finally:
+        spin.kill()
+        spin.wait()
+    assert 0.5 <= busy <= len(os.sched_getaffinity(0)) + 0.01  # one core at least, whatever else runs
+
+
 def test_cpu_evaluation_uses_one_thread_per_idle_core_and_gives_torch_its_setting_back(one_active_run, monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 8)  # what torch would use
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
     for load, threads in ((0.2, 4), (1.4, 3), (3.6, 1), (9.0, 1)):
+        monkeypatch.setattr(evaluate, "busy_cores", lambda: load)  # busy now
+        monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 9.0, 9.0))  # a minute ago: not what counts
+        assert evaluate.cpu_threads() == threads
+        monkeypatch.setattr(evaluate, "busy_cores", lambda: None)  # no /proc/stat: the load average
         monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
         assert evaluate.cpu_threads() == threads
     monkeypatch.undo()
