@@ -161,9 +161,9 @@ def record(name: str, run_dir: Path, *, full: bool, k: int, limit: int, device: 
     devices = {(s["device"], s["processes"]) for s in sessions}
     if len(devices) == 1:  # the sessions' device, and their threads (a range where resumes changed them)
         (kind, processes), threads = devices.pop(), sorted({s["threads"] for s in sessions})
-        name = _device_name(kind, threads[0]) if len(threads) == 1 or kind.startswith("cuda") \
+        device_name = _device_name(kind, threads[0]) if len(threads) == 1 or kind.startswith("cuda") \
             else f"CPU ({threads[0]}-{threads[-1]} threads)"
-        row["device"] = name + (f" x {processes} processes" if processes > 1 else "")
+        row["device"] = device_name + (f" x {processes} processes" if processes > 1 else "")
     resumed = [s["step"] for s in sessions if s["step"] > 0]
     row["extra"] += (f"; trained by python -m pyro_vae.train, resumed at step{'s' if len(resumed) > 1 else ''} "
                      f"{', '.join(map(str, resumed))}" if resumed else "; trained by python -m pyro_vae.train")

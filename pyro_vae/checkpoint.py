@@ -28,6 +28,18 @@ class CheckpointError(Exception):
     """A run's checkpoint (or metrics file) is missing, unreadable, or does not fit the code that reads it."""
 
 
+def write_atomically(path: Path, write) -> None:
+    """Write a file whole or not at all: write(f) fills a temporary file beside path, which then replaces path; an
+    interrupted or failed write leaves the previous file (or none) and no temporary file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
     """Write state atomically: a kill at any moment leaves the previous file readable, and a failed write (a full
     disk) leaves it too, removes the partial file and raises CheckpointError saying why."""

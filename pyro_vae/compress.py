@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import math
-import os
 import struct
 import sys
 import time
@@ -33,7 +32,7 @@ import pyro.distributions as dist
 import torch
 from tqdm import tqdm
 
-from .checkpoint import PRETRAINED, CheckpointError, load, run_directory
+from .checkpoint import PRETRAINED, CheckpointError, load, run_directory, write_atomically
 from .data import IMAGE_SHAPE, DataError, load_mnist
 from .trained import TrainedVAE
 
@@ -369,16 +368,11 @@ def _check_writable(path: Path) -> None:
 
 
 def _write_atomically(path: Path, write) -> None:
-    """Write a file whole or not at all: an interrupted or failed run leaves no partial file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    """Write a file whole or not at all (checkpoint.write_atomically); a failure is a CompressError."""
     try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
+        write_atomically(path, write)
     except OSError as e:
         raise CompressError(f"cannot write {path}: {e.strerror or e}") from e
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def general_purpose_bits(images: np.ndarray) -> dict[str, int]:

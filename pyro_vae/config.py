@@ -282,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-RUN_OPTIONS = ("resume", "overwrite", "stop_after")  # what to do with the run directory: flags that are not hyperparameters
+# what to do with the run directory and this session: flags that are not hyperparameters
+RUN_OPTIONS = ("resume", "overwrite", "stop_after")
 
 
 def parse_command_line(argv=None) -> tuple[Config, argparse.Namespace]:

@@ -23,7 +23,7 @@ from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 from tqdm import tqdm
 
-from .checkpoint import PRETRAINED, CheckpointError, load, run_directory
+from .checkpoint import PRETRAINED, CheckpointError, load, run_directory, write_atomically
 from .config import default_device
 from .data import DataError, load_mnist
 from .trained import TrainedVAE
@@ -374,11 +374,9 @@ def partial_path(out: str | Path) -> Path:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    """Write text to path through a temporary file and a rename: a kill at any moment leaves the old file or the new."""
+    """Write text to path whole or not at all (checkpoint.write_atomically), making its folder if need be."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_atomically(path, lambda f: f.write(text.encode()))
 
 
 def _save_partial(path: Path, state: dict) -> None:

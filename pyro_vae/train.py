@@ -24,7 +24,7 @@ from pyro.infer.elbo import ELBOModule
 from tqdm.auto import tqdm
 
 from .checkpoint import (CHECKPOINT_NAME, METRICS_NAME, CheckpointError, read_checkpoint, run_directory,
-                         save_checkpoint)
+                         save_checkpoint, write_atomically)
 from .config import Config, parse_command_line
 from .data import IMAGE_SHAPE, DataError, load_mnist
 from .estimators import make_elbo
@@ -57,7 +57,6 @@ class Paused(Exception):
     """The run stopped, checkpointed, after the epochs that --stop-after asked of this session."""
 
     def __init__(self, run_dir: Path, epochs: int):
-        self.run_dir = run_dir
         super().__init__(f"stopped after {epochs} epoch(s) of this session, as --stop-after asked, and saved "
                          f"{run_dir / CHECKPOINT_NAME}; continue with: python -m pyro_vae.train --resume {run_dir}")
 
@@ -479,9 +478,7 @@ def _drop_metrics_after(out: Path, epoch: int) -> None:
             return math.inf  # a line cut short by the kill
     kept = [line for line in lines if line.endswith("\n") and line_epoch(line) <= epoch]
     if kept != lines:
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, path)
+        write_atomically(path, lambda f: f.write("".join(kept).encode()))
 
 
 def train(config: Config, overwrite: bool = False, stop_after: int = 0) -> Path:

@@ -400,8 +400,6 @@ def test_automatic_sizing_keeps_the_cpu_passes_small_and_fills_a_share_of_cuda_m
 
 @pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="needs Linux's /proc/stat")
 def test_busy_cores_counts_a_spinning_process_now():
-    import subprocess
-    import sys
     spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         time.sleep(0.3)
