@@ -14,7 +14,9 @@ reads the loss. Pyro's NaN warning goes with them: the training loop checks ever
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 import warnings
 
 import torch
@@ -35,17 +37,20 @@ from torch.distributions import kl_divergence
 class _SyncFreeLoss:
     """Pyro's Trace_ELBO.differentiable_loss, with the ELBO's value kept as a tensor instead of a float.
 
-    `_differentiable_loss_particle` returns (the loss's value, detached; the surrogate loss), as Pyro's
-    does; the result has the value of the first and the gradient of the second.
+    `_differentiable_loss_particle` returns (the loss, the surrogate loss), as Pyro's does; the result has
+    the value of the first and the gradient of the second. Where they are one tensor (every guide site
+    reparameterized) it is returned as it is: the same value and gradient in fewer operations, each of
+    which costs a kernel launch on a GPU.
     """
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
-        loss, surrogate = 0.0, 0.0
+        total = 0.0
         for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
-            loss_particle, surrogate_particle = self._differentiable_loss_particle(model_trace, guide_trace)
-            surrogate = surrogate + surrogate_particle / self.num_particles
-            loss = loss + loss_particle / self.num_particles
-        return loss + (surrogate - surrogate.detach())  # Pyro: loss + (surrogate - torch_item(surrogate))
+            loss, surrogate = self._differentiable_loss_particle(model_trace, guide_trace)
+            # Pyro: loss + (surrogate - torch_item(surrogate)), averaged over the particles
+            particle = surrogate if loss is surrogate else loss + (surrogate - surrogate.detach())
+            total = particle if self.num_particles == 1 else total + particle / self.num_particles
+        return total
 
     def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
         loss = self.differentiable_loss(model, guide, *args, **kwargs)
@@ -54,29 +59,44 @@ class _SyncFreeLoss:
         return torch_item(loss)
 
 
+def _sample_sites(trace) -> list[dict]:
+    return [site for site in trace.nodes.values() if site["type"] == "sample"]
+
+
+def _total(terms: list[torch.Tensor]):
+    """terms[0] + terms[1] + ..., without a leading 0 + (one addition fewer); 0 for no terms."""
+    return functools.reduce(operator.add, terms) if terms else 0
+
+
 class SyncFreeTrace_ELBO(_SyncFreeLoss, Trace_ELBO):
     """Pyro's Trace_ELBO without its reads from the device (each site's `torch_item`, `warn_if_nan`)."""
 
     def _differentiable_loss_particle(self, model_trace, guide_trace):
+        guide_sites = _sample_sites(guide_trace)
+        if all(site["fn"].has_rsample and is_identically_zero(site["score_parts"].score_function)
+               for site in guide_sites):
+            # Every guide site reparameterized: each one's entropy term in Pyro's surrogate is its (scaled)
+            # log-prob, so the surrogate is the ELBO itself, log p(x, z) - log q(z | x), one tensor for both.
+            elbo = _total([site["log_prob_sum"] for site in _sample_sites(model_trace)])
+            loss = -(elbo - _total([site["log_prob_sum"] for site in guide_sites]))
+            return loss, loss
         # Pyro 1.9's Trace_ELBO._differentiable_loss_particle, with torch_item(x) -> x.detach()
         elbo_particle = 0
         surrogate_elbo_particle = 0
         log_r = None
-        for name, site in model_trace.nodes.items():
-            if site["type"] == "sample":
-                elbo_particle = elbo_particle + site["log_prob_sum"].detach()
-                surrogate_elbo_particle = surrogate_elbo_particle + site["log_prob_sum"]
-        for name, site in guide_trace.nodes.items():
-            if site["type"] == "sample":
-                log_prob, score_function_term, entropy_term = site["score_parts"]
-                elbo_particle = elbo_particle - site["log_prob_sum"].detach()
-                if not is_identically_zero(entropy_term):
-                    surrogate_elbo_particle = surrogate_elbo_particle - entropy_term.sum()
-                if not is_identically_zero(score_function_term):
-                    if log_r is None:
-                        log_r = _compute_log_r(model_trace, guide_trace)
-                    site = log_r.sum_to(site["cond_indep_stack"])
-                    surrogate_elbo_particle = surrogate_elbo_particle + (site * score_function_term).sum()
+        for site in _sample_sites(model_trace):
+            elbo_particle = elbo_particle + site["log_prob_sum"].detach()
+            surrogate_elbo_particle = surrogate_elbo_particle + site["log_prob_sum"]
+        for site in guide_sites:
+            log_prob, score_function_term, entropy_term = site["score_parts"]
+            elbo_particle = elbo_particle - site["log_prob_sum"].detach()
+            if not is_identically_zero(entropy_term):
+                surrogate_elbo_particle = surrogate_elbo_particle - entropy_term.sum()
+            if not is_identically_zero(score_function_term):
+                if log_r is None:
+                    log_r = _compute_log_r(model_trace, guide_trace)
+                site = log_r.sum_to(site["cond_indep_stack"])
+                surrogate_elbo_particle = surrogate_elbo_particle + (site * score_function_term).sum()
         return -elbo_particle, -surrogate_elbo_particle
 
 
@@ -113,7 +133,8 @@ class SyncFreeTraceMeanField_ELBO(_SyncFreeLoss, TraceMeanField_ELBO):
                 if is_validation_enabled():
                     check_fully_reparametrized(guide_site)
                 elbo_particle = elbo_particle - guide_site["score_parts"].entropy_term.sum()
-        return -elbo_particle.detach(), -elbo_particle
+        loss = -elbo_particle  # its own surrogate
+        return loss, loss
 
 
 class _SyncFreeDice(Dice):

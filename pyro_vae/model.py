@@ -11,6 +11,7 @@ from a small network (Burda et al. 2015; Sonderby et al. 2016 for the ladder gui
 from __future__ import annotations
 
 import dataclasses
+from contextlib import contextmanager
 
 import pyro
 import pyro.distributions as dist
@@ -52,12 +53,37 @@ class VAE(nn.Module):
         self.bottom_up = bottom_up if bottom_up is not None else nn.ModuleList()
         self.ladder = ladder
         self.sites = latent_sites(len(self.top_down) + 1)
+        self._arange: dict[tuple, torch.Tensor] = {}
+        self.declare_modules = True  # see _declare
+
+    def _declare(self, *names: str) -> None:
+        """pyro.module for each named network: how Pyro's own optimizers (pyro.optim) find its parameters.
+        Skipped inside `modules_declared()`, where the caller steps vae.parameters() itself."""
+        if self.declare_modules:
+            for name in names:
+                pyro.module(name, getattr(self, name))
+
+    @contextmanager
+    def modules_declared(self):
+        """model and guide leave out their pyro.module statements inside (SVIStep after its first step, which
+        declared them): a dozen parameter sites a call, a tenth of a GPU training step's host time."""
+        self.declare_modules = False
+        try:
+            yield
+        finally:
+            self.declare_modules = True
 
     def _data_plate(self, x: torch.Tensor) -> pyro.plate:
         # x is already a random minibatch: the plate only needs its size to scale log-probs by N / B.
         batch_size = x.shape[0]
-        return pyro.plate("data", self.num_data or batch_size, dim=-1,
-                          subsample=torch.arange(batch_size, device=x.device))
+        return pyro.plate("data", self.num_data or batch_size, dim=-1, subsample=self._positions(batch_size, x.device))
+
+    def _positions(self, batch_size: int, device: torch.device) -> torch.Tensor:
+        """0 .. B-1, made once per batch size and device rather than by a kernel in every model and guide call."""
+        key = (batch_size, device)
+        if key not in self._arange:
+            self._arange[key] = torch.arange(batch_size, device=device)
+        return self._arange[key]
 
     def _one_hot(self, y: torch.Tensor | None) -> torch.Tensor | None:
         return None if y is None else F.one_hot(y, NUM_CLASSES).float()
@@ -65,10 +91,7 @@ class VAE(nn.Module):
     def model(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
         """z ~ p(z); x ~ p(x | z) for each image x (B, 1, 28, 28); conditional: y ~ p(y) first; with L layers
         z_L ~ p(z_L), then z_l ~ p(z_l | z_l+1) down to z (= z_1)."""
-        pyro.module("prior", self.prior)
-        pyro.module("decoder", self.decoder)
-        pyro.module("likelihood", self.likelihood)
-        pyro.module("top_down", self.top_down)
+        self._declare("prior", "decoder", "likelihood", "top_down")
         labels = y if self.conditional else None  # an unconditional model ignores labels
         y = None
         with self._data_plate(x):
@@ -84,20 +107,18 @@ class VAE(nn.Module):
                 # Kingma et al.'s extra term: on labelled images only, also fit q(y | x) to the label.
                 # (Not on the enumerated y of unlabelled images: that would reward q(y | x) for
                 # agreeing with itself and collapse it onto one class.)
-                pyro.module("classifier", self.classifier)
+                self._declare("classifier")
                 with poutine.scale(scale=self.classifier_weight):
                     pyro.sample("y_aux", dist.Categorical(logits=self.classifier(x)), obs=labels)
 
     def guide(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
         """q(z | x): the posterior family applied to the encoder's output; conditional: q(y | x) q(z | x, y); with L
         layers q(z | x) q(z2 | z) ... bottom-up, or the ladder's top-down q(z_L | x) ... q(z | z2, x)."""
-        pyro.module("encoder", self.encoder)
-        pyro.module("posterior", self.posterior)
-        pyro.module("bottom_up", self.bottom_up)
+        self._declare("encoder", "posterior", "bottom_up")
         y = y if self.conditional else None
         with self._data_plate(x):
             if self.conditional and y is None:
-                pyro.module("classifier", self.classifier)
+                self._declare("classifier")
                 y = pyro.sample("y", dist.Categorical(logits=self.classifier(x)),
                                 infer={"enumerate": "parallel"})
             with poutine.scale(scale=self.kl_weight):
@@ -111,7 +132,7 @@ class VAE(nn.Module):
     def _ladder_guide(self, x: torch.Tensor) -> None:
         """q(z_L | x) from the bottom-up pass, then top-down: q(z_l | z_l+1, x) merges, by precision, the pass's
         Gaussian for z_l with the model's own p(z_l | z_l+1) (Sonderby et al. 2016): the top-down nets are shared."""
-        pyro.module("top_down", self.top_down)
+        self._declare("top_down")
         up = ladder_pass(self.encoder, self.bottom_up, x)  # (loc, scale) for z_1 .. z_L
         z = pyro.sample(self.sites[-1], dist.Normal(*up[-1]).to_event(1))
         for site, net, (loc, scale) in zip(reversed(self.sites[:-1]), reversed(self.top_down), reversed(up[:-1])):

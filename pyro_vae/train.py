@@ -234,8 +234,13 @@ class SVIStep:
         self.params = list(vae.parameters())
         device = self.params[0].device
         self.capture = config.cuda_graph and device.type == "cuda" and not ranks.active
-        # capturable: Adam's step counts on the device, which a captured step can update
-        self.optimizer = torch.optim.Adam(self.params, lr=config.lr, capturable=self.capture)
+        # On CUDA torch's fused Adam: one kernel for all parameters, where the default (foreach) launches a
+        # dozen and spends more host time on them than the step's arithmetic; on the CPU torch's default.
+        # capturable: Adam's step counts on the device, which a captured step can update (fused keeps them
+        # there anyway)
+        self.fused = device.type == "cuda"
+        self.optimizer = torch.optim.Adam(self.params, lr=config.lr, capturable=self.capture,
+                                          fused=True if self.fused else None)
         self.objective = Objective(vae, self.elbo)
         if ranks.active:
             self.objective = distributed.data_parallel(self.objective, ranks, self._some_parameter_unused(device))
@@ -291,7 +296,7 @@ class SVIStep:
 
     def _eager_step(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         # warm-up steps run on the stream the capture will use (as torch's CUDA graph recipe asks)
-        with pyro.validation_enabled(False) if self.validated else nullcontext(), self._on_capture_stream():
+        with self._after_first_step(), self._on_capture_stream():
             if self._graphs:  # a captured step left its static gradients on the parameters
                 self.optimizer.zero_grad(set_to_none=True)
             loss = self.objective(x, y)
@@ -307,6 +312,16 @@ class SVIStep:
             loss.record_stream(torch.cuda.current_stream())  # made on the capture stream, read on this one
         self.validated = True
         return loss
+
+    @contextmanager
+    def _after_first_step(self):
+        """From the second step on: no Pyro checks, and no pyro.module statements (the first step declared the
+        networks to Pyro's param store; the optimizer here holds vae.parameters() itself)."""
+        if not self.validated:
+            yield
+            return
+        with pyro.validation_enabled(False), self.vae.modules_declared():
+            yield
 
     @contextmanager
     def _uncaptured_adam(self):
@@ -351,12 +366,15 @@ class SVIStep:
             raise CheckpointError(f"{path} holds the optimizer state of an older pyro_vae (one Pyro optimizer per "
                                   "parameter): it loads with pyro_vae.load but cannot be resumed")
         self.optimizer.load_state_dict(state)
+        on_device = self.capture or self.fused
         for group in self.optimizer.param_groups:  # the saved groups say how the run that wrote them stepped
-            group["capturable"] = self.capture
+            group["capturable"], group["fused"] = self.capture, True if self.fused else None
+            if self.fused:
+                group["foreach"] = None  # torch refuses fused and foreach together
             for p in group["params"]:
                 s = self.optimizer.state.get(p, {})
-                if "step" in s:  # on the device for a captured step, on the CPU otherwise (torch's convention)
-                    s["step"] = s["step"].to(torch.float32).to(p.device if self.capture else "cpu")
+                if "step" in s:  # on the device for a captured or fused step, on the CPU otherwise (torch's convention)
+                    s["step"] = s["step"].to(torch.float32).to(p.device if on_device else "cpu")
 
 
 @contextmanager

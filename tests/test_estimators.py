@@ -272,3 +272,36 @@ def test_iwae_trainers_step_under_torchrun_estimates_the_whole_batchs_bound(imag
     trainer = torch.load(tmp_path / "losses.pt")
     definition = [_definition(vae, config, x, None) for _ in range(DRAWS)]
     _assert_same_mean(trainer, definition, "iwae under torchrun")
+
+
+@pytest.mark.parametrize("particles", [1, 3])
+def test_a_guide_with_a_score_function_site_gets_pyros_trace_elbo_too(particles):
+    """The VAE's guides are all reparameterized, where the ELBO is its own surrogate; a guide with a discrete
+    (score-function) site as well takes Pyro's surrogate path: the same loss and gradients as Pyro's Trace_ELBO."""
+    x = torch.tensor([0.3, -1.2, 2.0], dtype=torch.float64)
+
+    def model():
+        with pyro.plate("data", 30, subsample=torch.arange(3)):
+            b = pyro.sample("b", pyro.distributions.Bernoulli(torch.tensor(0.4, dtype=torch.float64)))
+            z = pyro.sample("z", pyro.distributions.Normal(b, torch.tensor(1.0, dtype=torch.float64)))
+            pyro.sample("x", pyro.distributions.Normal(z, torch.tensor(0.5, dtype=torch.float64)), obs=x)
+
+    params = {"p": torch.tensor(0.3, dtype=torch.float64, requires_grad=True),
+              "loc": torch.tensor(0.2, dtype=torch.float64, requires_grad=True)}
+
+    def guide():
+        with pyro.plate("data", 30, subsample=torch.arange(3)):
+            pyro.sample("b", pyro.distributions.Bernoulli(params["p"]))
+            pyro.sample("z", pyro.distributions.Normal(params["loc"] + x / 2, torch.tensor(0.8, dtype=torch.float64)))
+
+    ours = make_elbo(_config(num_particles=particles))
+    results = []
+    for elbo in (Trace_ELBO(num_particles=particles, vectorize_particles=True, max_plate_nesting=1), ours):
+        pyro.set_rng_seed(3)
+        loss = elbo.differentiable_loss(model, guide)
+        results.append((loss.item(), torch.autograd.grad(loss, list(params.values()))))
+    (want, want_grads), (got, grads) = results
+    assert got == pytest.approx(want, rel=1e-12)
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    assert all(g.abs() > 0 for g in grads)  # the score-function term reaches p

@@ -57,6 +57,30 @@ def test_the_training_step_moves_the_parameters_exactly_as_pyro_svi_does():
         assert torch.equal(value, weights[1][name]), name
 
 
+def test_the_training_step_declares_the_networks_to_pyro_on_its_first_step_only(monkeypatch):
+    """pyro.module in model and guide is how Pyro's own optimizers find the parameters; SVIStep holds them itself,
+    so after the first step (which fills Pyro's param store) it runs the program without those statements, and
+    leaves the VAE declaring them again for anyone else's SVI."""
+    declared, real_module = [], pyro.module
+    monkeypatch.setattr(pyro, "module", lambda name, *args, **kwargs: declared.append(name) or real_module(
+        name, *args, **kwargs))
+    config = Config(conv_channels=(4, 8), latent_dim=4, device="cpu")
+    vae = build_vae(config, num_data=1000)
+    svi = SVIStep(vae, config)
+    x = torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(0)).bernoulli()
+    svi.step(x)
+    assert sorted(declared) == ["bottom_up", "decoder", "encoder", "likelihood", "posterior", "prior", "top_down"]
+    declared.clear()
+    for _ in range(3):
+        svi.step(x)
+    assert declared == [] and vae.declare_modules
+    store = pyro.get_param_store()
+    assert len(store) == len(list(vae.parameters()))
+    assert all(store[f"encoder$$${n}"] is p for n, p in vae.encoder.named_parameters())  # the very tensors Adam steps
+    SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 1e-3}), make_elbo(config)).step(x)
+    assert len(declared) == 7
+
+
 def test_pyro_checks_the_first_training_step_only():
     """Validation catches a mistake on the first step; later steps skip Pyro's checks, for speed."""
     config = Config(conv_channels=(4, 8), latent_dim=4, device="cpu")
@@ -174,18 +198,19 @@ def test_a_step_that_cannot_be_captured_trains_on_eagerly_after_one_line(fails_i
 
 
 def test_adam_state_saved_by_a_captured_step_resumes_in_an_eager_one():
-    """A captured step's Adam keeps its step counts on the GPU and says capturable in its saved groups; an eager
-    step loading that state keeps them on the CPU, as torch's eager Adam needs (and the reverse on CUDA)."""
+    """A step on CUDA (fused Adam, captured) keeps Adam's step counts on the GPU and says fused and capturable in
+    its saved groups; a CPU step loading that state steps with torch's default Adam, counts on the CPU (and the
+    reverse on CUDA)."""
     config = Config(conv_channels=(4, 8), latent_dim=4, device="cpu")
     x = torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(0)).bernoulli()
     svi = SVIStep(build_vae(config, num_data=1000), config)
     svi.step(x)
     state = svi.optimizer.state_dict()
     for group in state["param_groups"]:
-        group["capturable"] = True  # as SVIStep on CUDA saves it
+        group["capturable"], group["fused"] = True, True  # as SVIStep on CUDA saves it
     resumed = SVIStep(build_vae(config, num_data=1000), config)
     resumed.load_state(state, Path("checkpoint.pt"))
-    assert all(not group["capturable"] for group in resumed.optimizer.param_groups)
+    assert all(not group["capturable"] and not group["fused"] for group in resumed.optimizer.param_groups)
     assert all(s["step"].device.type == "cpu" for s in resumed.optimizer.state.values())
     assert math.isfinite(resumed.step(x).item())
 
