@@ -71,13 +71,14 @@ STEPS = ["cuda-tests", "bench", *FULL_RUNS, *MORE_RUNS]
 OUT_OF_PLAN = ["best", "ablation_elbo_iwae_50", "hierarchical_iwae", "hierarchical_moonshot"]  # cannot fit a window
 STEP_LIMITS = {"cuda-tests": 120, "bench": 90}  # seconds: the command is stopped there
 
-# Planning estimates, in seconds, from the bars of issue 20 (the default conv VAE's epoch at batch 128 in 2 s,
-# K = 1000 on all test images in 60 s) and guesses where there is no bar: nothing here is measured yet. Once
-# the bench has run, conv32's epoch comes from its measured captured step instead.
-ESTIMATES = {"cuda-tests": 90, "bench": 75}
-EPOCH_S = {"conv32": 2.0, "semi_supervised": 2.0, "semi_supervised_conv": 2.5}  # one epoch's training steps
+# Planning estimates, in seconds: an H200's figures of 2026-11-28 (docs/gpu.md) with room for a slower card
+# (the H200 took 23 s for the CUDA tests, 16 s for the bench, 0.4 s for a conv32 epoch, 8 s for its K = 1000
+# evaluation, 0.3 s for a semi-supervised epoch). Once the bench has run, conv32's epoch comes from its
+# measured captured step instead.
+ESTIMATES = {"cuda-tests": 60, "bench": 40}
+EPOCH_S = {"conv32": 0.6, "semi_supervised": 0.5, "semi_supervised_conv": 0.6}  # one epoch's training steps
 EPOCH_END_S = 0.3  # each epoch's test ELBO, pictures and checkpoint
-EVAL_S = {"conv32": 60, "semi_supervised": 30, "semi_supervised_conv": 40}  # K = 1000 on 10,000 test images
+EVAL_S = {"conv32": 20, "semi_supervised": 10, "semi_supervised_conv": 10}  # K = 1000 on 10,000 test images
 GUESS_EPOCH_S, GUESS_EVAL_S = 10.0, 60.0  # a row without an estimate of its own
 STEPS_PER_EPOCH_128 = 60000 // 128
 
