@@ -54,19 +54,13 @@ class VAE(nn.Module):
         self.ladder = ladder
         self.sites = latent_sites(len(self.top_down) + 1)
         self._arange: dict[tuple, torch.Tensor] = {}
-        self.declare_modules = True  # see _declare
-
-    def _declare(self, *names: str) -> None:
-        """pyro.module for each named network: how Pyro's own optimizers (pyro.optim) find its parameters.
-        Skipped inside `modules_declared()`, where the caller steps vae.parameters() itself."""
-        if self.declare_modules:
-            for name in names:
-                pyro.module(name, getattr(self, name))
+        self.declare_modules = True  # pyro.module in model and guide; False inside modules_declared()
 
     @contextmanager
     def modules_declared(self):
-        """model and guide leave out their pyro.module statements inside (SVIStep after its first step, which
-        declared them): a dozen parameter sites a call, a tenth of a GPU training step's host time."""
+        """model and guide leave out their pyro.module statements inside. Those statements are how Pyro's own
+        optimizers (pyro.optim) find the parameters; SVIStep steps vae.parameters() itself, so it runs its
+        steps after the first (which declared them) in here: a dozen parameter sites fewer each call."""
         self.declare_modules = False
         try:
             yield
@@ -91,7 +85,11 @@ class VAE(nn.Module):
     def model(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
         """z ~ p(z); x ~ p(x | z) for each image x (B, 1, 28, 28); conditional: y ~ p(y) first; with L layers
         z_L ~ p(z_L), then z_l ~ p(z_l | z_l+1) down to z (= z_1)."""
-        self._declare("prior", "decoder", "likelihood", "top_down")
+        if self.declare_modules:  # how Pyro's own optimizers find the parameters (see modules_declared)
+            pyro.module("prior", self.prior)
+            pyro.module("decoder", self.decoder)
+            pyro.module("likelihood", self.likelihood)
+            pyro.module("top_down", self.top_down)
         labels = y if self.conditional else None  # an unconditional model ignores labels
         y = None
         with self._data_plate(x):
@@ -107,18 +105,23 @@ class VAE(nn.Module):
                 # Kingma et al.'s extra term: on labelled images only, also fit q(y | x) to the label.
                 # (Not on the enumerated y of unlabelled images: that would reward q(y | x) for
                 # agreeing with itself and collapse it onto one class.)
-                self._declare("classifier")
+                if self.declare_modules:
+                    pyro.module("classifier", self.classifier)
                 with poutine.scale(scale=self.classifier_weight):
                     pyro.sample("y_aux", dist.Categorical(logits=self.classifier(x)), obs=labels)
 
     def guide(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
         """q(z | x): the posterior family applied to the encoder's output; conditional: q(y | x) q(z | x, y); with L
         layers q(z | x) q(z2 | z) ... bottom-up, or the ladder's top-down q(z_L | x) ... q(z | z2, x)."""
-        self._declare("encoder", "posterior", "bottom_up")
+        if self.declare_modules:
+            pyro.module("encoder", self.encoder)
+            pyro.module("posterior", self.posterior)
+            pyro.module("bottom_up", self.bottom_up)
         y = y if self.conditional else None
         with self._data_plate(x):
             if self.conditional and y is None:
-                self._declare("classifier")
+                if self.declare_modules:
+                    pyro.module("classifier", self.classifier)
                 y = pyro.sample("y", dist.Categorical(logits=self.classifier(x)),
                                 infer={"enumerate": "parallel"})
             with poutine.scale(scale=self.kl_weight):
@@ -132,7 +135,8 @@ class VAE(nn.Module):
     def _ladder_guide(self, x: torch.Tensor) -> None:
         """q(z_L | x) from the bottom-up pass, then top-down: q(z_l | z_l+1, x) merges, by precision, the pass's
         Gaussian for z_l with the model's own p(z_l | z_l+1) (Sonderby et al. 2016): the top-down nets are shared."""
-        self._declare("top_down")
+        if self.declare_modules:
+            pyro.module("top_down", self.top_down)
         up = ladder_pass(self.encoder, self.bottom_up, x)  # (loc, scale) for z_1 .. z_L
         z = pyro.sample(self.sites[-1], dist.Normal(*up[-1]).to_event(1))
         for site, net, (loc, scale) in zip(reversed(self.sites[:-1]), reversed(self.top_down), reversed(up[:-1])):
