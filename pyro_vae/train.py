@@ -366,11 +366,12 @@ class SVIStep:
             raise CheckpointError(f"{path} holds the optimizer state of an older pyro_vae (one Pyro optimizer per "
                                   "parameter): it loads with pyro_vae.load but cannot be resumed")
         self.optimizer.load_state_dict(state)
+        # the saved groups say how the run that wrote them stepped (fused, captured or not); this optimizer's own
+        # settings say how this one steps
+        how = {key: self.optimizer.defaults[key] for key in ("capturable", "fused", "foreach")}
         on_device = self.capture or self.fused
-        for group in self.optimizer.param_groups:  # the saved groups say how the run that wrote them stepped
-            group["capturable"], group["fused"] = self.capture, True if self.fused else None
-            if self.fused:
-                group["foreach"] = None  # torch refuses fused and foreach together
+        for group in self.optimizer.param_groups:
+            group.update(how)
             for p in group["params"]:
                 s = self.optimizer.state.get(p, {})
                 if "step" in s:  # on the device for a captured or fused step, on the CPU otherwise (torch's convention)
