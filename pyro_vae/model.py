@@ -68,9 +68,11 @@ class VAE(nn.Module):
             self.declare_modules = True
 
     def _data_plate(self, x: torch.Tensor) -> pyro.plate:
-        # x is already a random minibatch: the plate only needs its size to scale log-probs by N / B.
+        # x is already a random minibatch: the plate only needs its size to scale log-probs by N / B. Told the
+        # device, Pyro's plate does not make a tensor in every call to find it.
         batch_size = x.shape[0]
-        return pyro.plate("data", self.num_data or batch_size, dim=-1, subsample=self._positions(batch_size, x.device))
+        return pyro.plate("data", self.num_data or batch_size, dim=-1, subsample=self._positions(batch_size, x.device),
+                          device=x.device)
 
     def _positions(self, batch_size: int, device: torch.device) -> torch.Tensor:
         """0 .. B-1, made once per batch size and device rather than by a kernel in every model and guide call."""

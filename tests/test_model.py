@@ -37,6 +37,19 @@ def test_model_and_guide_traces_have_the_right_sites_and_shapes(arch):
     assert [f.name for f in x_p["cond_indep_stack"]] == ["data"]
 
 
+def test_the_model_and_guide_make_no_tensor_from_python_values(monkeypatch):
+    """Host time in every training step: the data plate is told its device, so Pyro's plate does not build a
+    throwaway tensor to find it (torch.tensor(()) in each model and guide call); nothing else makes one."""
+    vae, x = _vae(num_data=1000), _images(5)
+    made = []
+    real = torch.tensor
+    monkeypatch.setattr(torch, "tensor", lambda *args, **kwargs: made.append(args) or real(*args, **kwargs))
+    with vae.modules_declared(), pyro.validation_enabled(False):  # as the trainer runs them after its first step
+        guide_trace = poutine.trace(vae.guide).get_trace(x)
+        poutine.trace(poutine.replay(vae.model, trace=guide_trace)).get_trace(x)
+    assert made == []
+
+
 def test_elbo_validates_and_model_guide_match():
     vae, x = _vae(), _images(4)
     loss = Trace_ELBO(num_particles=3, vectorize_particles=True, max_plate_nesting=1).loss(vae.model, vae.guide, x)
