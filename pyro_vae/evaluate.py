@@ -36,7 +36,7 @@ def _log_prob(trace) -> torch.Tensor:
 
     Unscaled: neither the minibatch factor N / B nor a KL weight enters a reported figure.
     """
-    trace.compute_log_prob()
+    trace.compute_log_prob(lambda name, site: not site_is_subsample(site))  # a plate's site: a constant 0
     return sum(site["unscaled_log_prob"] for site in trace.nodes.values()
                if site["type"] == "sample" and not site_is_subsample(site))
 
@@ -60,7 +60,7 @@ def _latent_log_ratios(model_trace, guide_trace) -> dict[str, torch.Tensor]:
 
 def _traces(model_guide, x: torch.Tensor, y: torch.Tensor | None, num_samples: int):
     """Guide trace and the model trace replayed on it, num_samples draws of z vectorized in a plate at dim -2."""
-    with pyro.plate("samples", num_samples, dim=-2):
+    with pyro.plate("samples", num_samples, dim=-2, device=x.device):
         guide_trace = poutine.trace(model_guide.guide).get_trace(x, y)
         model_trace = poutine.trace(poutine.replay(model_guide.model, trace=guide_trace)).get_trace(x, y)
     return model_trace, guide_trace
@@ -134,7 +134,7 @@ def log_joint(model_guide, x: torch.Tensor, z: torch.Tensor, y: torch.Tensor | N
 
     For models whose only latent site is "z" (with a label y, the label-conditioned model given y).
     """
-    with pyro.plate("samples", z.shape[0], dim=-2):
+    with pyro.plate("samples", z.shape[0], dim=-2, device=x.device):
         trace = poutine.trace(poutine.condition(model_guide.model, data={"z": z})).get_trace(x, y)
     return _log_prob(trace).reshape(z.shape[0], -1)
 

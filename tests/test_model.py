@@ -47,6 +47,7 @@ def test_the_model_and_guide_make_no_tensor_from_python_values(monkeypatch):
     with vae.modules_declared(), pyro.validation_enabled(False):  # as the trainer runs them after its first step
         guide_trace = poutine.trace(vae.guide).get_trace(x)
         poutine.trace(poutine.replay(vae.model, trace=guide_trace)).get_trace(x)
+        log_weights(vae, x, num_samples=3)  # evaluation's traces, their log-probs (the plate's site left out)
     assert made == []
 
 
