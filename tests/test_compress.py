@@ -2,7 +2,6 @@
 
 import dataclasses
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import pyro
 import pytest
 import torch
 
+import processes
 import pyro_vae
 from pyro_vae import compress, priors
 from pyro_vae.checkpoint import read_checkpoint, save_checkpoint
@@ -213,8 +213,8 @@ def test_an_interrupted_encode_writes_nothing(small_file, tmp_path, monkeypatch,
 def encoded_by_the_cli(data_dir, tmp_path_factory):
     """300 test images encoded by `python -m pyro_vae.compress` in a process of its own."""
     file = tmp_path_factory.mktemp("codec") / "test300.pvae"
-    done = subprocess.run([sys.executable, "-m", "pyro_vae.compress", RUN, str(file), "--limit", "300",
-                           "--data-dir", str(data_dir)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    done = processes.run([sys.executable, "-m", "pyro_vae.compress", RUN, str(file), "--limit", "300",
+                          "--data-dir", str(data_dir)], cwd=ROOT, timeout=600)
     assert done.returncode == 0, done.stderr
     return data_dir, file
 
@@ -223,8 +223,8 @@ def encoded_by_the_cli(data_dir, tmp_path_factory):
 def test_a_file_encoded_in_one_process_decodes_exactly_in_another(encoded_by_the_cli, tmp_path):
     data_dir, file = encoded_by_the_cli
     out = tmp_path / "restored.npy"
-    done = subprocess.run([sys.executable, "-m", "pyro_vae.compress", "--decode", str(file), str(out)],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=600)  # another directory, too
+    done = processes.run([sys.executable, "-m", "pyro_vae.compress", "--decode", str(file), str(out)],
+                         cwd=tmp_path, timeout=600)  # another directory, too
     assert done.returncode == 0, done.stderr
     restored = np.load(out)
     assert restored.dtype == np.uint8 and restored.shape == (300, 28, 28)

@@ -4,7 +4,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pytest
 import torch
 from pyro.infer import SVI
 
+import processes
 import pyro_vae
 from pyro_vae.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from pyro_vae.config import Config
@@ -24,8 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _cli(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "-m", "pyro_vae.train", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=300)
+    return processes.run([sys.executable, "-m", "pyro_vae.train", *args], cwd=cwd, timeout=300)
 
 
 @pytest.mark.slow
