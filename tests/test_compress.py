@@ -154,6 +154,23 @@ def test_the_cli_encodes_test_images_and_prints_the_figures(data_dir, tmp_path, 
     np.testing.assert_array_equal(np.load(tmp_path / "ten.npy"), mnist_test_images(data_dir, 10))
 
 
+@pytest.mark.parametrize("precision", [8, 16])
+def test_a_file_at_another_precision_decodes_with_its_own_through_the_api_and_the_cli(precision, data_dir, tmp_path,
+                                                                                        capsys):
+    """The bins per latent dimension are the file's: a decoder that used the default (2^12) would pop other bins."""
+    assert precision != compress.PRECISION
+    images = mnist_test_images(data_dir, 6)
+    data = encode(RUN, images, precision=precision, max_batch=4)
+    assert read_header(data).precision == precision
+    np.testing.assert_array_equal(decode(None, data), images)
+
+    file, out = tmp_path / "six.pvae", tmp_path / "six.npy"
+    assert main([RUN, str(file), "--limit", "6", "--precision", str(precision), "--data-dir", str(data_dir)]) == 0
+    assert read_header(file.read_bytes()).precision == precision
+    assert main(["--decode", str(file), str(out)]) == 0, capsys.readouterr().err
+    np.testing.assert_array_equal(np.load(out), images)
+
+
 @pytest.mark.parametrize("images, message", [
     (np.full((2, 28, 28), 3, np.uint8), "binary"), (np.zeros((2, 1, 28, 28), np.uint8), "shape"), (None, "not a .npy")])
 def test_the_cli_refuses_bad_images_with_exit_2_and_one_line(images, message, tmp_path, capsys):

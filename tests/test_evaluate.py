@@ -214,6 +214,23 @@ def test_evaluate_run_reports_active_units_and_kl_per_dimension(one_active_run):
     assert same["log_px"] == results["log_px"]  # a fixed seed: reproducible
 
 
+class ConstantMeanEncoder(OneActiveEncoder):
+    """OneActiveEncoder with loc_1 = 2 for every image: far from the prior's mean, but the same whatever x is."""
+
+    def forward(self, x, c=None):
+        loc, scale = super().forward(x, c)
+        loc[..., 1] = 2.0
+        return loc, scale
+
+
+def test_a_unit_whose_posterior_mean_never_varies_is_inactive_however_far_from_zero(one_active_run):
+    """Active units count the variance over x of E_q[z_d | x], not its mean square (4 here, in unit 1)."""
+    one_active_run.vae.encoder = ConstantMeanEncoder(one_active_run.config.latent_dim)
+    results = evaluate_run(one_active_run, k=2, limit=24, batch_size=8, chunk=2, threads=1, progress=False)
+    assert results["posterior_mean_variance"][1] < 1e-6 and results["posterior_mean_variance"][0] > 0.01
+    assert results["active_units"] == 1
+
+
 @pytest.fixture
 def saved_run(data_dir, tmp_path):
     """A small untrained run on disk, as the CLI reads it."""
