@@ -7,6 +7,7 @@ from pathlib import Path
 import pyro
 import pytest
 
+import processes
 from pyro_vae.config import Config
 from pyro_vae.data import unpack
 
@@ -30,6 +31,14 @@ def pyro_state():
         for message in MISMATCH_WARNINGS:
             warnings.filterwarnings("error", message=message)
         yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def no_process_left():
+    """Each test ends the processes it starts (tests/processes.py); any still there at the end, as after a
+    second Ctrl-C, are ended with the session."""
+    yield
+    processes.end_all()
 
 
 @pytest.fixture(scope="session")

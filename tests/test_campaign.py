@@ -7,11 +7,16 @@ from pathlib import Path
 
 import pytest
 
+import processes
 from pyro_vae.config import parse_command_line
 
 @pytest.fixture
-def campaign(experiment_script):
-    return experiment_script("campaign")
+def campaign(experiment_script, monkeypatch):
+    """experiments/campaign.py, whose commands are started as tests/processes.py starts them and ended with the test."""
+    module = experiment_script("campaign")
+    monkeypatch.setattr(module.subprocess, "Popen", processes.Started)
+    yield module
+    processes.end_all()
 
 
 def _returned_files(out: Path) -> list[Path]:

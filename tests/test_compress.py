@@ -2,7 +2,6 @@
 
 import dataclasses
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import pyro
 import pytest
 import torch
 
+import processes
 import pyro_vae
 from pyro_vae import compress, priors
 from pyro_vae.checkpoint import read_checkpoint, save_checkpoint
@@ -154,6 +154,23 @@ def test_the_cli_encodes_test_images_and_prints_the_figures(data_dir, tmp_path, 
     np.testing.assert_array_equal(np.load(tmp_path / "ten.npy"), mnist_test_images(data_dir, 10))
 
 
+@pytest.mark.parametrize("precision", [8, 16])
+def test_a_file_at_another_precision_decodes_with_its_own_through_the_api_and_the_cli(precision, data_dir, tmp_path,
+                                                                                        capsys):
+    """The bins per latent dimension are the file's: a decoder that used the default (2^12) would pop other bins."""
+    assert precision != compress.PRECISION
+    images = mnist_test_images(data_dir, 6)
+    data = encode(RUN, images, precision=precision, max_batch=4)
+    assert read_header(data).precision == precision
+    np.testing.assert_array_equal(decode(None, data), images)
+
+    file, out = tmp_path / "six.pvae", tmp_path / "six.npy"
+    assert main([RUN, str(file), "--limit", "6", "--precision", str(precision), "--data-dir", str(data_dir)]) == 0
+    assert read_header(file.read_bytes()).precision == precision
+    assert main(["--decode", str(file), str(out)]) == 0, capsys.readouterr().err
+    np.testing.assert_array_equal(np.load(out), images)
+
+
 @pytest.mark.parametrize("images, message", [
     (np.full((2, 28, 28), 3, np.uint8), "binary"), (np.zeros((2, 1, 28, 28), np.uint8), "shape"), (None, "not a .npy")])
 def test_the_cli_refuses_bad_images_with_exit_2_and_one_line(images, message, tmp_path, capsys):
@@ -213,8 +230,8 @@ def test_an_interrupted_encode_writes_nothing(small_file, tmp_path, monkeypatch,
 def encoded_by_the_cli(data_dir, tmp_path_factory):
     """300 test images encoded by `python -m pyro_vae.compress` in a process of its own."""
     file = tmp_path_factory.mktemp("codec") / "test300.pvae"
-    done = subprocess.run([sys.executable, "-m", "pyro_vae.compress", RUN, str(file), "--limit", "300",
-                           "--data-dir", str(data_dir)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    done = processes.run([sys.executable, "-m", "pyro_vae.compress", RUN, str(file), "--limit", "300",
+                          "--data-dir", str(data_dir)], cwd=ROOT, timeout=600)
     assert done.returncode == 0, done.stderr
     return data_dir, file
 
@@ -223,8 +240,8 @@ def encoded_by_the_cli(data_dir, tmp_path_factory):
 def test_a_file_encoded_in_one_process_decodes_exactly_in_another(encoded_by_the_cli, tmp_path):
     data_dir, file = encoded_by_the_cli
     out = tmp_path / "restored.npy"
-    done = subprocess.run([sys.executable, "-m", "pyro_vae.compress", "--decode", str(file), str(out)],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=600)  # another directory, too
+    done = processes.run([sys.executable, "-m", "pyro_vae.compress", "--decode", str(file), str(out)],
+                         cwd=tmp_path, timeout=600)  # another directory, too
     assert done.returncode == 0, done.stderr
     restored = np.load(out)
     assert restored.dtype == np.uint8 and restored.shape == (300, 28, 28)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import processes
 from pyro_vae.checkpoint import read_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,16 +29,15 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(data_di
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     # in two sessions: --stop-after 2 stops both ranks after epoch 2 (exit 0), and --resume does the third
-    two = subprocess.run(torchrun + ["-m", "pyro_vae.train", *flags, "--out", str(tmp_path / "two"),
-                                     "--stop-after", "2"], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                         env=env)
+    two = processes.run(torchrun + ["-m", "pyro_vae.train", *flags, "--out", str(tmp_path / "two"),
+                                    "--stop-after", "2"], cwd=ROOT, timeout=600, env=env)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "as --stop-after asked" in two.stdout and read_checkpoint(tmp_path / "two")["epoch"] == 2
-    rest = subprocess.run(torchrun + ["-m", "pyro_vae.train", "--resume", str(tmp_path / "two")], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600, env=env)
+    rest = processes.run(torchrun + ["-m", "pyro_vae.train", "--resume", str(tmp_path / "two")], cwd=ROOT,
+                         timeout=600, env=env)
     assert rest.returncode == 0, rest.stderr[-3000:]
-    one = subprocess.run([sys.executable, "-m", "pyro_vae.train", *flags, "--out", str(tmp_path / "one")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    one = processes.run([sys.executable, "-m", "pyro_vae.train", *flags, "--out", str(tmp_path / "one")],
+                        cwd=ROOT, timeout=600, env=env)
     assert one.returncode == 0, one.stderr[-3000:]
 
     assert two.stdout.count("pyro_vae: training in") == 1  # only rank 0 speaks and writes
@@ -58,11 +58,10 @@ def test_two_processes_stopped_mid_epoch_resume_to_the_same_parameters(data_dir,
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cut, at = tmp_path / "cut", 128 + 20  # inside epoch 2 (128 steps an epoch)
-    with open(tmp_path / "cut.err", "w") as err:
-        # rank 0 stops before step `at` and says so (tests/train_at_step.py); rank 1 waits for it in the all-reduce
-        proc = subprocess.Popen(torchrun + [str(ROOT / "tests" / "train_at_step.py"), str(at), "signal", *flags,
-                                            "--out", str(cut)], cwd=ROOT, stdout=subprocess.PIPE, stderr=err,
-                                text=True, env=env)
+    # rank 0 stops before step `at` and says so (tests/train_at_step.py); rank 1 waits for it in the all-reduce
+    with open(tmp_path / "cut.err", "w") as err, processes.started(
+            torchrun + [str(ROOT / "tests" / "train_at_step.py"), str(at), "signal", *flags, "--out", str(cut)],
+            timeout=600, cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True, env=env) as proc:
         for line in proc.stdout:
             if line.strip() == f"at step {at}":
                 break
@@ -72,16 +71,16 @@ def test_two_processes_stopped_mid_epoch_resume_to_the_same_parameters(data_dir,
     assert state["epoch"] == 1 and state["position"] == 20, (tmp_path / "cut.err").read_text()
     assert len(state["rng"]) == 2  # one random state per rank
 
-    one = subprocess.run([sys.executable, "-m", "pyro_vae.train", "--resume", str(cut)], cwd=ROOT,
-                         capture_output=True, text=True, timeout=300, env=env)
+    one = processes.run([sys.executable, "-m", "pyro_vae.train", "--resume", str(cut)], cwd=ROOT, timeout=300,
+                        env=env)
     assert one.returncode == 1 and one.stderr.count("\n") == 1, one.stderr
     assert "was saved by 2 training process(es); resume it with as many (now 1)" in one.stderr
 
-    resumed = subprocess.run(torchrun + ["-m", "pyro_vae.train", "--resume", str(cut)], cwd=ROOT, capture_output=True,
-                             text=True, timeout=600, env=env)
+    resumed = processes.run(torchrun + ["-m", "pyro_vae.train", "--resume", str(cut)], cwd=ROOT, timeout=600,
+                            env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    whole = subprocess.run(torchrun + ["-m", "pyro_vae.train", *flags, "--out", str(tmp_path / "whole")], cwd=ROOT,
-                           capture_output=True, text=True, timeout=600, env=env)
+    whole = processes.run(torchrun + ["-m", "pyro_vae.train", *flags, "--out", str(tmp_path / "whole")], cwd=ROOT,
+                          timeout=600, env=env)
     assert whole.returncode == 0, whole.stderr[-3000:]
     expected, got = read_checkpoint(tmp_path / "whole")["model"], read_checkpoint(cut)["model"]
     assert expected.keys() == got.keys()

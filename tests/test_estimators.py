@@ -9,7 +9,6 @@ import contextlib
 import dataclasses
 import math
 import os
-import subprocess
 import sys
 
 import pyro
@@ -19,6 +18,7 @@ from pyro import poutine
 from pyro.infer import Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
 from torch.distributions import kl_divergence
 
+import processes
 from pyro_vae import Config, build_vae
 from pyro_vae.data import load_mnist
 from pyro_vae.estimators import IWAE, make_elbo
@@ -265,9 +265,9 @@ def test_iwae_trainers_step_under_torchrun_estimates_the_whole_batchs_bound(imag
                tmp_path / "given.pt")
     (tmp_path / "rank.py").write_text(_RANK_PROGRAM)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    ran = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(tmp_path / "rank.py"), str(tmp_path / "given.pt"), str(tmp_path / "losses.pt")],
-                         capture_output=True, text=True, timeout=600, env=env)
+    ran = processes.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                         str(tmp_path / "rank.py"), str(tmp_path / "given.pt"), str(tmp_path / "losses.pt")],
+                        timeout=600, env=env)
     assert ran.returncode == 0, ran.stderr[-3000:]
     trainer = torch.load(tmp_path / "losses.pt")
     definition = [_definition(vae, config, x, None) for _ in range(DRAWS)]

@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch import nn
 
+import processes
 from pyro_vae import Config, TrainedVAE, build_vae, evaluate
 from pyro_vae.checkpoint import PRETRAINED, save_checkpoint
 from pyro_vae.evaluate import (Estimates, activation_bytes, default_out, evaluate_run, format_table, grid_posteriors,
@@ -213,6 +214,23 @@ def test_evaluate_run_reports_active_units_and_kl_per_dimension(one_active_run):
     assert same["log_px"] == results["log_px"]  # a fixed seed: reproducible
 
 
+class ConstantMeanEncoder(OneActiveEncoder):
+    """OneActiveEncoder with loc_1 = 2 for every image: far from the prior's mean, but the same whatever x is."""
+
+    def forward(self, x, c=None):
+        loc, scale = super().forward(x, c)
+        loc[..., 1] = 2.0
+        return loc, scale
+
+
+def test_a_unit_whose_posterior_mean_never_varies_is_inactive_however_far_from_zero(one_active_run):
+    """Active units count the variance over x of E_q[z_d | x], not its mean square (4 here, in unit 1)."""
+    one_active_run.vae.encoder = ConstantMeanEncoder(one_active_run.config.latent_dim)
+    results = evaluate_run(one_active_run, k=2, limit=24, batch_size=8, chunk=2, threads=1, progress=False)
+    assert results["posterior_mean_variance"][1] < 1e-6 and results["posterior_mean_variance"][0] > 0.01
+    assert results["active_units"] == 1
+
+
 @pytest.fixture
 def saved_run(data_dir, tmp_path):
     """A small untrained run on disk, as the CLI reads it."""
@@ -319,22 +337,21 @@ def test_the_cli_killed_outright_loses_at_most_the_batch_in_flight(saved_run, tm
     command = [sys.executable, "-m", "pyro_vae.evaluate", str(saved_run), "--k", "20000", "--limit", "40",
                "--batch-size", "4", "--chunk", "1000", "--threads", "1", "--seed", "7"]
     root = Path(__file__).resolve().parent.parent
-    straight = subprocess.run(command + ["--out", str(tmp_path / "straight.json")], cwd=root, capture_output=True,
-                              text=True, timeout=600)
+    straight = processes.run(command + ["--out", str(tmp_path / "straight.json")], cwd=root, timeout=600)
     assert straight.returncode == 0, straight.stderr
 
     partial = saved_run / "evaluation.partial.json"
-    proc = subprocess.Popen(command, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while not (partial.exists() and json.loads(partial.read_text())["batches"] >= 2):
-        assert proc.poll() is None and time.monotonic() < deadline, "the evaluation ended before it could be killed"
-        time.sleep(0.02)
-    proc.kill()  # SIGKILL: no handler runs
-    proc.wait(timeout=60)
+    with processes.started(command, timeout=300, cwd=root, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL) as proc:
+        while not (partial.exists() and json.loads(partial.read_text())["batches"] >= 2):
+            assert proc.poll() is None, "the evaluation ended before it could be killed"
+            time.sleep(0.02)
+        proc.kill()  # SIGKILL: no handler runs
+        proc.wait(timeout=60)
     done = json.loads(partial.read_text())["batches"]
     assert 2 <= done < 10 and not (saved_run / "evaluation.json").exists()
 
-    resumed = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=600)
+    resumed = processes.run(command, cwd=root, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming from {partial}: {4 * done} of 40 images done" in resumed.stderr
     figures = json.loads((saved_run / "evaluation.json").read_text())
@@ -400,13 +417,9 @@ def test_automatic_sizing_keeps_the_cpu_passes_small_and_fills_a_share_of_cuda_m
 
 @pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="needs Linux's /proc/stat")
 def test_busy_cores_counts_a_spinning_process_now():
-    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-    try:
+    with processes.started([sys.executable, "-c", "while True: pass"], timeout=60):
         time.sleep(0.3)
         busy = evaluate.busy_cores(window=0.5)
-    finally:
-        spin.kill()
-        spin.wait()
     assert 0.5 <= busy <= len(os.sched_getaffinity(0)) + 0.01  # one core at least, whatever else runs
 
 

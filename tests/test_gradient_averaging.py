@@ -18,6 +18,7 @@ import pytest
 import torch
 from torch.distributions import normal
 
+import processes
 from pyro_vae import Config, build_vae
 from pyro_vae.checkpoint import read_checkpoint
 from pyro_vae.data import load_mnist
@@ -85,8 +86,8 @@ distributed.teardown(ranks)
 
 def _torchrun(*args, timeout=600):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    return processes.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          *map(str, args)], cwd=ROOT, timeout=timeout, env=env)
 
 
 def _config(**changes) -> Config:

@@ -1,7 +1,6 @@
 """The layout shows the architecture: a variant is one class and one registry line (the CLI's choices and
 refusals come from the pieces themselves), a loaded run's API lives in trained.py, the benchmark outside."""
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import pytest
 import torch
 from pyro import poutine
 
+import processes
 import pyro_vae
 from pyro_vae import checkpoint, priors, trained
 from pyro_vae.config import Config, parse_command_line
@@ -106,8 +106,7 @@ def test_training_and_its_pictures_do_not_import_torchvision(small_config):
     script = ("import sys; from pyro_vae import Config; from pyro_vae.train import train; "
               f"train(Config.from_dict({small_config.to_dict()!r})); "
               "assert 'torchvision' not in sys.modules, 'torchvision was imported'")
-    result = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parent.parent,
-                            capture_output=True, text=True, timeout=300)
+    result = processes.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parent.parent, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert list(Path(small_config.out).glob("*.png")), "the run drew its pictures"
 

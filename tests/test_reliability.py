@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import processes
 import pyro_vae
 from pyro_vae.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from pyro_vae.config import Config, parse_args
@@ -94,15 +96,18 @@ TINY_RUN = ["--epochs", "2", "--train-size", "1024", "--test-size", "64", "--bat
             "--conv-channels", "4", "8", "--device", "cpu"]
 
 
-def _start_at_step(step: int, how: str, flags: list[str], **kwargs) -> subprocess.Popen:
-    """The training CLI in a subprocess, stopped before SVI step `step` (see tests/train_at_step.py); returns once
-    it says it is there."""
-    proc = subprocess.Popen(AT_STEP + [str(step), how] + flags, cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **{"env": ONE_THREAD, **kwargs})
-    for line in proc.stdout:
-        if line.strip() == f"at step {step}":
-            return proc
-    raise AssertionError(f"the run ended before step {step}: {proc.communicate()[1][-3000:]}")
+@contextmanager
+def _at_step(step: int, how: str, flags: list[str], **kwargs):
+    """The training CLI in a subprocess, stopped before SVI step `step` (see tests/train_at_step.py): the block
+    runs once it says it is there, and the process is ended when the block ends, within 300 s."""
+    with processes.started(AT_STEP + [str(step), how] + flags, timeout=300, cwd=ROOT, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, **{"env": ONE_THREAD, **kwargs}) as proc:
+        for line in proc.stdout:
+            if line.strip() == f"at step {step}":
+                break
+        else:
+            raise AssertionError(f"the run ended before step {step}: {proc.communicate()[1][-3000:]}")
+        yield proc
 
 
 @pytest.mark.slow
@@ -110,19 +115,17 @@ def test_cli_sigterm_in_a_subprocess_checkpoints_and_resumes_exactly(data_dir, t
     flags = TINY_RUN + ["--data-dir", str(data_dir)]
     cli = [sys.executable, "-m", "pyro_vae.train"]
     run = tmp_path / "cut"
-    proc = _start_at_step(STEPS_PER_EPOCH + 5, "signal", flags + ["--out", str(run)])  # inside epoch 2
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    with _at_step(STEPS_PER_EPOCH + 5, "signal", flags + ["--out", str(run)]) as proc:  # inside epoch 2
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert f"--resume {run}" in err and "Traceback" not in err
     state = read_checkpoint(run)
     assert state["epoch"] == 1 and state["position"] == 5 and state["step"] == STEPS_PER_EPOCH + 5
 
-    resumed = subprocess.run(cli + ["--resume", str(run)], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                             env=ONE_THREAD)
+    resumed = processes.run(cli + ["--resume", str(run)], cwd=ROOT, timeout=300, env=ONE_THREAD)
     assert resumed.returncode == 0, resumed.stderr
-    whole = subprocess.run(cli + flags + ["--out", str(tmp_path / "whole")], cwd=ROOT, capture_output=True,
-                           text=True, timeout=300, env=ONE_THREAD)
+    whole = processes.run(cli + flags + ["--out", str(tmp_path / "whole")], cwd=ROOT, timeout=300, env=ONE_THREAD)
     assert whole.returncode == 0, whole.stderr
     _assert_same_weights(_final_weights(tmp_path / "whole"), _final_weights(run))
 
@@ -131,19 +134,19 @@ def test_cli_sigterm_in_a_subprocess_checkpoints_and_resumes_exactly(data_dir, t
 def test_ctrl_c_checkpoints_after_the_step_and_a_second_ctrl_c_stops_at_once(data_dir, tmp_path):
     flags = TINY_RUN + ["--data-dir", str(data_dir)]
     once = tmp_path / "once"
-    proc = _start_at_step(STEPS_PER_EPOCH + 3, "signal", flags + ["--out", str(once)])
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    with _at_step(STEPS_PER_EPOCH + 3, "signal", flags + ["--out", str(once)]) as proc:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGINT, err
     assert f"SIGINT: stopped and saved {once / 'checkpoint.pt'}" in err and "Traceback" not in err
     assert read_checkpoint(once)["position"] == 3
 
     twice = tmp_path / "twice"
-    proc = _start_at_step(STEPS_PER_EPOCH + 3, "second-signal", flags + ["--out", str(twice)])
-    proc.send_signal(signal.SIGINT)
-    assert proc.stdout.readline().strip() == "first signal"  # the first one is in: the step waits for the second
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=30)
+    with _at_step(STEPS_PER_EPOCH + 3, "second-signal", flags + ["--out", str(twice)]) as proc:
+        proc.send_signal(signal.SIGINT)
+        assert proc.stdout.readline().strip() == "first signal"  # the first one is in: the step waits for the second
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
     assert proc.returncode == 128 + signal.SIGINT, err
     assert "stopped at once by a second signal" in err and f"--resume {twice}" in err and "Traceback" not in err
     assert err.strip().count("\n") == 0  # one line
@@ -156,8 +159,8 @@ def test_ctrl_c_checkpoints_after_the_step_and_a_second_ctrl_c_stops_at_once(dat
 def test_running_out_of_memory_during_training_is_one_line_naming_the_batch_size(data_dir, tmp_path):
     flags = ["--epochs", "1", "--train-size", "2048", "--test-size", "64", "--batch-size", "1024",
              "--data-dir", str(data_dir), "--device", "cpu", "--out", str(tmp_path / "run")]
-    proc = _start_at_step(2, "memory", flags)
-    _, err = proc.communicate(timeout=120)
+    with _at_step(2, "memory", flags) as proc:
+        _, err = proc.communicate(timeout=120)
     assert proc.returncode == 1, err
     assert err.startswith("error: out of memory") and "--batch-size (now 1024)" in err and "Traceback" not in err
     assert err.count("\n") == 1
@@ -200,13 +203,14 @@ def test_sigkill_during_checkpoint_writes_never_corrupts_the_file(tmp_path):
         f"    save_checkpoint({str(path)!r}, {{'epoch': i, 'weights': big + i}})\n"
         "    print(i, flush=True)\n"
     )
-    proc = subprocess.Popen([sys.executable, "-c", writer], cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    for line in proc.stdout:
-        if int(line) >= 2:
-            break
-    time.sleep(0.05)
-    proc.kill()
-    proc.wait()
+    with processes.started([sys.executable, "-c", writer], timeout=300, cwd=ROOT, stdout=subprocess.PIPE,
+                           text=True) as proc:
+        for line in proc.stdout:
+            if int(line) >= 2:
+                break
+        time.sleep(0.05)
+        proc.kill()
+        proc.wait()
     state = read_checkpoint(path)
     assert state["epoch"] >= 2  # one whole, consistent checkpoint: the weights of the epoch it names
     assert torch.equal(state["weights"], torch.arange(4_000_000, dtype=torch.float32) + state["epoch"])
@@ -373,25 +377,25 @@ def test_environment_problems_exit_1_with_one_line(flags, message, data_dir, tmp
 def test_a_second_training_into_the_same_out_is_refused_while_the_first_runs(data_dir, tmp_path):
     run = tmp_path / "run"
     flags = TINY_RUN + ["--epochs", "1", "--data-dir", str(data_dir), "--out", str(run)]
-    first = _start_at_step(3, "stdin", flags, stdin=subprocess.PIPE)  # holds the run directory, waiting
-    second = subprocess.run([sys.executable, "-m", "pyro_vae.train", *flags], cwd=ROOT, capture_output=True,
-                            text=True, timeout=120, env=ONE_THREAD)
-    assert second.returncode == 1, second.stderr
-    assert second.stderr == (f"error: run directory {run} is in use by another training (process {first.pid}); "
-                             "wait for it to end, or choose another --out\n")
-    resumed = subprocess.run([sys.executable, "-m", "pyro_vae.train", "--resume", str(run)], cwd=ROOT,
-                             capture_output=True, text=True, timeout=120, env=ONE_THREAD)
-    assert resumed.returncode == 1 and "is in use by another training" in resumed.stderr
-    first.stdin.write("go\n")
-    first.stdin.flush()
-    _, err = first.communicate(timeout=120)
+    with _at_step(3, "stdin", flags, stdin=subprocess.PIPE) as first:  # holds the run directory, waiting
+        second = processes.run([sys.executable, "-m", "pyro_vae.train", *flags], cwd=ROOT, timeout=120,
+                               env=ONE_THREAD)
+        assert second.returncode == 1, second.stderr
+        assert second.stderr == (f"error: run directory {run} is in use by another training (process {first.pid}); "
+                                 "wait for it to end, or choose another --out\n")
+        resumed = processes.run([sys.executable, "-m", "pyro_vae.train", "--resume", str(run)], cwd=ROOT,
+                                timeout=120, env=ONE_THREAD)
+        assert resumed.returncode == 1 and "is in use by another training" in resumed.stderr
+        first.stdin.write("go\n")
+        first.stdin.flush()
+        _, err = first.communicate(timeout=120)
     assert first.returncode == 0, err
     assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1]
     assert not (run / ".lock").exists()  # released at the end
 
 
 def test_a_lock_left_by_a_dead_process_is_taken_over_with_a_line(small_config, capsys):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = processes.run([sys.executable, "-c", "import os; print(os.getpid())"], timeout=60)
     out = Path(small_config.out)
     out.mkdir(parents=True)
     (out / ".lock").write_text(dead.stdout.strip())  # its flock went with it
@@ -460,22 +464,22 @@ def test_a_real_full_disk_is_one_line_and_keeps_the_previous_checkpoint(data_dir
     """A 2 MB tmpfs as the run directory, filled while the run waits in epoch 2 (needs root to mount)."""
     disk = tmp_path / "disk"
     disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True).returncode:
+    if processes.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], timeout=60).returncode:
         pytest.skip("cannot mount a tmpfs here (not root); the fsync test above covers the same path")
     try:
         run = disk / "run"
         flags = _argv_tiny(argparse.Namespace(data_dir=str(data_dir)), run)
-        proc = _start_at_step(3, "stdin", flags, stdin=subprocess.PIPE)  # epoch 1 (2 steps) is saved
-        size = (run / "checkpoint.pt").stat().st_size
-        free = shutil.disk_usage(disk).free
-        (disk / "filler").write_bytes(b"\0" * (free - size // 2))  # room for pictures, not for a checkpoint
-        proc.stdin.write("go\n")
-        proc.stdin.flush()
-        _, err = proc.communicate(timeout=120)
+        with _at_step(3, "stdin", flags, stdin=subprocess.PIPE) as proc:  # epoch 1 (2 steps) is saved
+            size = (run / "checkpoint.pt").stat().st_size
+            free = shutil.disk_usage(disk).free
+            (disk / "filler").write_bytes(b"\0" * (free - size // 2))  # room for pictures, not for a checkpoint
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            _, err = proc.communicate(timeout=120)
         assert proc.returncode == 1, err
         assert err.startswith(f"error: cannot write {run / 'checkpoint.pt'}: no space left on the device of the "
                               f"run directory {run}") and err.count("\n") == 1
         assert read_checkpoint(run)["epoch"] == 1
         assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == []
     finally:
-        subprocess.run(["umount", str(disk)])
+        processes.run(["umount", str(disk)], timeout=60)

@@ -4,7 +4,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pytest
 import torch
 from pyro.infer import SVI
 
+import processes
 import pyro_vae
 from pyro_vae.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from pyro_vae.config import Config
@@ -24,8 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _cli(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "-m", "pyro_vae.train", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=300)
+    return processes.run([sys.executable, "-m", "pyro_vae.train", *args], cwd=cwd, timeout=300)
 
 
 @pytest.mark.slow
@@ -340,3 +339,22 @@ def test_under_beta_4_the_epoch_figure_is_the_weighted_objective_and_says_so(dat
     assert "train_elbo" not in row  # the weighted objective is not the ELBO
     assert len(losses) == 8 and row["train_objective"] == pytest.approx(-sum(losses) / 8 / 512, rel=1e-6)
     assert f"train objective {row['train_objective']:9.2f}" in capsys.readouterr().out
+
+
+def test_the_loop_warms_the_kl_weight_up_step_by_step_from_its_first_step(data_dir, tmp_path, monkeypatch):
+    """--kl-warmup-epochs 2 --beta 2, 2 steps an epoch: the weight the loop sets on the model before each step is
+    beta x (epochs done after that step) / 2, beta at the end of epoch 2; metrics.jsonl records each epoch's last."""
+    real_step, weights = SVIStep.step, []
+
+    def recording_step(self, *args, **kwargs):
+        weights.append(self.vae.kl_weight)  # what the model's poutine.scale reads in this step
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(SVIStep, "step", recording_step)
+    run = tmp_path / "warm"
+    assert main(["--kl-warmup-epochs", "2", "--beta", "2", "--epochs", "2", "--batch-size", "64", "--train-size",
+                 "128", "--test-size", "64", "--latent-dim", "2", "--conv-channels", "4", "8", "--data-dir",
+                 str(data_dir), "--device", "cpu", "--out", str(run)]) == 0
+    assert weights == [0.5, 1.0, 1.5, 2.0]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["kl_weight"] for r in rows] == [1.0, 2.0]

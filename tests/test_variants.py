@@ -1,6 +1,7 @@
 """Every variant is a piece of the model or guide: each validates, trains, and is selectable by name."""
 
 import dataclasses
+import math
 
 import pyro
 import pyro.distributions as dist
@@ -242,3 +243,23 @@ def test_classifier_arch_picks_the_network_of_q_y_given_x(data_dir):
     assert isinstance(conv.classifier.features[0], torch.nn.Conv2d)
     assert isinstance(conv.encoder.features[1], torch.nn.Linear)  # the VAE's own networks stay MLPs
     assert conv.classifier(torch.rand(2, 5, 1, 28, 28)).shape == (2, 5, 10)
+
+
+def test_the_mixture_priors_weights_means_and_scales_all_enter_log_p_z(data_dir):
+    """--prior mog with unequal weights: log p(z) at the model's z site is log sum_k w_k N(z; mu_k, diag sigma_k^2),
+    written out here with w = softmax(logits)."""
+    vae = build_vae(_config(data_dir, prior="mog", prior_components=3, arch="mlp", hidden_dim=16))
+    prior = vae.prior
+    with torch.no_grad():  # away from the initial equal weights and unit scales
+        prior.logits.copy_(torch.tensor([2.0, -1.0, 0.5]))
+        prior.log_scales.copy_(0.3 * torch.randn_like(prior.log_scales))
+    x = torch.rand(6, 1, 28, 28).bernoulli()
+    guide_trace = poutine.trace(vae.guide).get_trace(x)
+    model_trace = poutine.trace(poutine.replay(vae.model, trace=guide_trace)).get_trace(x)
+    model_trace.compute_log_prob()
+    z = model_trace.nodes["z"]["value"]  # (6, 4)
+    mu, sigma = prior.locs.detach(), prior.log_scales.detach().exp()  # (3, 4) each
+    log_normal = (-0.5 * ((z[:, None] - mu) / sigma) ** 2 - sigma.log() - 0.5 * math.log(2 * math.pi)).sum(-1)
+    log_w = prior.logits.detach() - prior.logits.detach().exp().sum().log()  # (3,)
+    expected = torch.logsumexp(log_w + log_normal, dim=-1)  # (6,)
+    torch.testing.assert_close(model_trace.nodes["z"]["unscaled_log_prob"].detach(), expected)
