@@ -300,7 +300,9 @@ def read_config_file(path: str | Path) -> dict:
             raise ValueError(f"--config {path}: unknown key {key!r} in [config]: not a Config field")
         value = _from_toml(f, value)
         if value is None:
-            raise ValueError(f"--config {path}: {key} must be {TOML_TYPES[f.type]}, not {document['config'][key]!r}")
+            count = f.metadata.get("nargs")
+            kind = f"a list of {count} integers" if isinstance(count, int) else TOML_TYPES[f.type]
+            raise ValueError(f"--config {path}: {key} must be {kind}, not {document['config'][key]!r}")
         problems = _range_errors(f, value, key)
         if problems:
             raise ValueError(f"--config {path}: {problems[0]}")

@@ -131,11 +131,12 @@ def test_every_experiment_file_is_a_config_file(path):
     ("[config]\nlatent_dim = 0\n", "latent_dim must be at least 1, not 0"),
     ("[config]\nlr = nan\n", "lr must be a finite number, not nan"),
     ("[config]\nprior = \"gaussian\"\n", "prior must be one of normal, laplace"),
-    ("[config]\nconv_channels = [8]\n", "conv_channels must be a list of integers, not [8]"),
+    ("[config]\nconv_channels = [8]\n", "conv_channels must be a list of 2 integers, not [8]"),
+    ("[config]\nupper_dims = [8, 1.5]\n", "upper_dims must be a list of integers, not [8, 1.5]"),
     ("[config]\nconditional = 1\n", "conditional must be true or false, not 1"),
     ("[config\n", "not a TOML file: "),
-], ids=["unknown", "top-level", "table", "string", "float-for-int", "range", "nan", "choice", "length", "bool",
-        "syntax"])
+], ids=["unknown", "top-level", "table", "string", "float-for-int", "range", "nan", "choice", "length", "list",
+        "bool", "syntax"])
 def test_a_bad_config_file_is_exit_2_with_one_line_naming_the_key(text, message, tmp_path, capsys):
     path = _toml(tmp_path, text)
     with pytest.raises(SystemExit) as info:
