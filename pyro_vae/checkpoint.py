@@ -8,7 +8,9 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
+import pickle
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -95,8 +97,14 @@ def read_checkpoint(path: str | Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns of a pickle protocol it did not write, before refusing it
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, not a torch file, or holding objects we refuse to unpickle
+        if isinstance(e, pickle.UnpicklingError) or "weights_only" in str(e):
+            # torch's message advises loading the file again with weights_only=False, which would run whatever
+            # code it holds: not relayed
+            raise CheckpointError(f"{path} is not a pyro_vae checkpoint and may be unsafe; it was not loaded") from None
         raise CheckpointError(f"{path} is not a readable pyro_vae checkpoint: {e}") from e
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a pyro_vae checkpoint (expected format {FORMAT})")

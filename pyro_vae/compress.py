@@ -401,11 +401,11 @@ def report(data: bytes, minus_elbo_bits: np.ndarray, seconds: float, others: dic
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m pyro_vae.compress") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m pyro_vae.compress",
-        usage="python -m pyro_vae.compress RUN FILE [--images IN.npy] [--limit N]\n"
-              "       python -m pyro_vae.compress --decode FILE OUT.npy [--run RUN]",
+        prog=prog,
+        usage=f"{prog} RUN FILE [--images IN.npy] [--limit N]\n"
+              f"       {prog} --decode FILE OUT.npy [--run RUN]",
         description="Compress binary MNIST losslessly with bits-back ANS from a trained run's model and guide, "
                     "or (--decode) restore the images. By default the run's first N test images, binarized as "
                     "evaluation binarizes them.",
@@ -454,9 +454,9 @@ def _decode_command(args) -> None:
           f"in {time.perf_counter() - started:.1f} s")
 
 
-def main(argv=None) -> int:
+def main(argv=None, prog: str = "python -m pyro_vae.compress") -> int:
     """The command line: exit 2 on bad flags or images, 1 on a file, run or model that cannot be used."""
-    parser = build_parser()
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     if args.decode and (args.images or args.limit):
         parser.error("--images and --limit are for encoding, not --decode")

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import sys
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,8 +75,9 @@ class Config:
     likelihood: str = _opt("bernoulli", "p(x | z), a class in likelihoods.LIKELIHOODS; each says which --binarize "
                                         "data it fits", registry="likelihood")
     guide: str = _opt("normal", "q(z | x), the posterior family: a class in guides.GUIDES; with --layers 2 or more "
-                                "the bottom-up q(z_1 | x) q(z_2 | z_1) ... (normal, iaf on z_1), or ladder: a bottom-up "
-                                "pass merged top-down with p(z_l | z_l+1) (Sonderby et al. 2016)", registry="guide")
+                                "the bottom-up q(z_1 | x) q(z_2 | z_1) ... (normal, iaf on z_1), or ladder: a "
+                                "bottom-up pass merged top-down with p(z_l | z_l+1) (Sonderby et al. 2016)",
+                      registry="guide")
     flow_steps: int = _opt(2, "steps of the iaf guide and of the flow prior", minimum=1)
     flow_hidden_factor: int = _opt(4, "hidden units of each step's network in the iaf guide and the flow prior, "
                                       "per latent dimension", minimum=1)
@@ -108,7 +110,8 @@ class Config:
     out: str = _opt("", "run directory (default: runs/<date>-<time>)")
     eval_batch_size: int = _opt(1000, "images per batch when evaluating", minimum=1)
     cuda_graph: bool = _opt(True, "on CUDA, capture the training step in a CUDA graph after a few eager steps and "
-                                  "replay it (--no-cuda-graph: every step eager; ignored on the CPU and under torchrun)")
+                                  "replay it (--no-cuda-graph: every step eager; ignored on the CPU and under "
+                                  "torchrun)")
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
@@ -135,21 +138,8 @@ class Config:
 
     def errors(self) -> list[str]:
         """Every problem with the values, each naming its flag; empty when the config is usable."""
-        problems = []
-        for f in dataclasses.fields(self):
-            meta, value, flag = f.metadata, getattr(self, f.name), _flag(f.name)
-            values = value if isinstance(value, tuple) else (value,)
-            choices = _choices(f)
-            for v in values:
-                if isinstance(v, float) and not math.isfinite(v):  # nan passes every comparison below
-                    problems.append(f"{flag} must be a finite number, not {v}")
-                    continue
-                if choices and v not in choices:
-                    problems.append(f"{flag} must be one of {', '.join(choices)}, not {v!r}")
-                if meta.get("min") is not None and v < meta["min"]:
-                    problems.append(f"{flag} must be at least {meta['min']}, not {v}")
-                if meta.get("max") is not None and v > meta["max"]:
-                    problems.append(f"{flag} must be at most {meta['max']}, not {v}")
+        problems = [problem for f in dataclasses.fields(self)
+                    for problem in _range_errors(f, getattr(self, f.name), _flag(f.name))]
         if self.lr == 0:
             problems.append("--lr must be positive, not 0")
         if self.beta == 0:
@@ -246,6 +236,22 @@ class Config:
         return problems
 
 
+def _range_errors(f: dataclasses.Field, value, name: str) -> list[str]:
+    """What is wrong with one field's value on its own (choices, range, finite), each naming it as `name`."""
+    meta, choices, problems = f.metadata, _choices(f), []
+    for v in value if isinstance(value, tuple) else (value,):
+        if isinstance(v, float) and not math.isfinite(v):  # nan passes every comparison below
+            problems.append(f"{name} must be a finite number, not {v}")
+            continue
+        if choices and v not in choices:
+            problems.append(f"{name} must be one of {', '.join(choices)}, not {v!r}")
+        if meta.get("min") is not None and v < meta["min"]:
+            problems.append(f"{name} must be at least {meta['min']}, not {v}")
+        if meta.get("max") is not None and v > meta["max"]:
+            problems.append(f"{name} must be at most {meta['max']}, not {v}")
+    return problems
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -262,18 +268,81 @@ def _names(kind: str, having: str) -> str:
     return " or ".join(name for name, piece in pieces(kind).items() if getattr(piece, having))
 
 
-def build_parser() -> argparse.ArgumentParser:
+# A config file is an experiment's TOML file (experiments/configs/*.toml): Config fields under [config]. Its
+# [short] and [full] tables are the lengths of experiments/run.py's two versions of the experiment, not read here
+# (--epochs chooses the length), nor are its description and reference.
+CONFIG_FILE_KEYS = {"config": dict, "short": dict, "full": dict, "description": str, "reference": str}
+TOML_TYPES = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
+              "tuple": "a list of integers"}
+
+
+def read_config_file(path: str | Path) -> dict:
+    """The [config] table of a TOML config file, as field -> value; ValueError naming the key of a bad one."""
+    try:
+        with open(Path(path).expanduser(), "rb") as f:
+            document = tomllib.load(f)
+    except OSError as e:
+        raise ValueError(f"--config {path}: cannot read it: {e.strerror or e}") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"--config {path}: not a TOML file: {e}") from e
+    for key, value in document.items():
+        if key not in CONFIG_FILE_KEYS:
+            where = " (Config fields go in the [config] table)" if key in _fields() else ""
+            raise ValueError(f"--config {path}: unknown key {key!r} at the top level{where}; the file may hold "
+                             f"{', '.join(CONFIG_FILE_KEYS)}")
+        kind = CONFIG_FILE_KEYS[key]
+        if not isinstance(value, kind):
+            raise ValueError(f"--config {path}: {key} must be a {'table' if kind is dict else 'string'}")
+    values = {}
+    for key, value in document.get("config", {}).items():
+        f = _fields().get(key)
+        if f is None:
+            raise ValueError(f"--config {path}: unknown key {key!r} in [config]: not a Config field")
+        value = _from_toml(f, value)
+        if value is None:
+            count = f.metadata.get("nargs")
+            kind = f"a list of {count} integers" if isinstance(count, int) else TOML_TYPES[f.type]
+            raise ValueError(f"--config {path}: {key} must be {kind}, not {document['config'][key]!r}")
+        problems = _range_errors(f, value, key)
+        if problems:
+            raise ValueError(f"--config {path}: {problems[0]}")
+        values[key] = value
+    return values
+
+
+def _fields() -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _from_toml(f: dataclasses.Field, value):
+    """A TOML value as the field's type (an integer is a float too), or None where it is of another type."""
+    def integer(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+    if f.type == "int":
+        return value if integer(value) else None
+    if f.type == "float":
+        return float(value) if integer(value) or isinstance(value, float) else None
+    if f.type == "str":
+        return value if isinstance(value, str) else None
+    if f.type == "bool":
+        return value if isinstance(value, bool) else None
+    nargs = f.metadata.get("nargs")  # 2: exactly two values; "+": any number
+    fits = isinstance(value, list) and (not isinstance(nargs, int) or len(value) == nargs)
+    return tuple(value) if fits and all(integer(v) for v in value) else None
+
+
+def build_parser(prog: str = "python -m pyro_vae.train") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m pyro_vae.train",
+        prog=prog,
         description="Train a variational autoencoder on MNIST with Pyro's SVI.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     defaults = Config()
     for f in dataclasses.fields(Config):
         meta, default = f.metadata, getattr(defaults, f.name)
-        if f.type == "bool":  # a flag that turns it on, or --no-... for one that is on by default
-            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction if default else "store_true",
-                                default=default, help=meta["help"])
+        if f.type == "bool":  # --x and --no-x, so a flag can undo a config file's value
+            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=default,
+                                help=meta["help"])
             continue
         kind = {"int": int, "float": float, "str": str, "tuple": int}[f.type]
         parser.add_argument(_flag(f.name), type=kind, default=default, help=meta["help"],
@@ -283,25 +352,40 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # what to do with the run directory and this session: flags that are not hyperparameters
-RUN_OPTIONS = ("resume", "overwrite", "stop_after")
+RUN_OPTIONS = ("resume", "overwrite", "stop_after", "tensorboard")
 
 
-def parse_command_line(argv=None) -> tuple[Config, argparse.Namespace]:
-    """Parse flags into a checked Config and the run options; bad values exit with code 2 and a message."""
-    parser = build_parser()
+def parse_command_line(argv=None, prog: str = "python -m pyro_vae.train") -> tuple[Config, argparse.Namespace]:
+    """Parse flags (and a --config file under them) into a checked Config and the run options; bad values exit
+    with code 2 and a message."""
+    parser = build_parser(prog)
+    parser.add_argument("--config", metavar="FILE.toml",
+                        help="read the [config] table of a TOML file (as experiments/configs/*.toml); flags given "
+                             "here override its values")
     run = parser.add_argument_group("run directory")
     run.add_argument("--resume", metavar="RUN", help="continue the interrupted run in RUN with its saved config")
     run.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     run.add_argument("--stop-after", type=int, default=0, metavar="EPOCHS",
                      help="stop with a checkpoint after this many epochs of this session, to continue later with "
                           "--resume (0: train to the end)")
-    args = vars(parser.parse_args(argv))
+    run.add_argument("--tensorboard", action="store_true",
+                     help="also write each epoch's figures and pictures for TensorBoard into RUN/tensorboard (a "
+                          "--resume of a run that has them continues them)")
+    args = parser.parse_args(argv)
+    if args.config and not args.resume:  # the file's values become the defaults, which the flags given override
+        try:
+            parser.set_defaults(**read_config_file(args.config))
+        except ValueError as e:
+            parser.error(str(e))
+        args = parser.parse_args(argv)
+    args = vars(args)
     if args["stop_after"] < 0:
         parser.error(f"--stop-after must be at least 0, not {args['stop_after']}")
+    args.pop("config")
     options = argparse.Namespace(**{k: args.pop(k) for k in RUN_OPTIONS})
     if options.resume:
         given = sorted({a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:])
-                        if a.startswith("--")} - {"--resume", "--stop-after"})
+                        if a.startswith("--")} - {"--resume", "--stop-after", "--tensorboard"})
         if given:
             parser.error(f"--resume continues a run with its saved config; drop {', '.join(given)}")
         return Config.from_dict(args), options

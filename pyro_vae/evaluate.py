@@ -77,12 +77,21 @@ def log_weights(vae, x: torch.Tensor, y: torch.Tensor | None = None, num_samples
 def elbo_per_image(vae, images: torch.Tensor, labels: torch.Tensor | None = None,
                    batch_size: int = 1000) -> torch.Tensor:
     """Single-sample ELBO of each image in nats, shape (N,); the figure the training log reports."""
-    values = []
+    return elbo_and_kl_per_image(vae, images, labels, batch_size)[0]
+
+
+@torch.no_grad()
+def elbo_and_kl_per_image(vae, images: torch.Tensor, labels: torch.Tensor | None = None,
+                          batch_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+    """Single-sample ELBO of each image and its KL term (log q(z | x) - log p(z) at the same z), in nats, each (N,)."""
+    elbos, kls = [], []
     for start in range(0, len(images), batch_size):
         x = images[start:start + batch_size]
         y = None if labels is None else labels[start:start + batch_size]
-        values.append(log_weights(vae, x, y)[0])
-    return torch.cat(values)
+        model_trace, guide_trace = _traces(vae, x, y, 1)
+        elbos.append((_log_prob(model_trace) - _log_prob(guide_trace)).reshape(-1))
+        kls.append(sum(_latent_log_ratios(model_trace, guide_trace).values()).reshape(-1))  # log-probs computed above
+    return torch.cat(elbos), torch.cat(kls)
 
 
 class Estimates(NamedTuple):
@@ -345,7 +354,8 @@ def pass_sizing(vae, x: torch.Tensor, y: torch.Tensor | None = None, *, k: int, 
         return Sizing(batch_size, chunk)
     new_batch = min(batch_size, fits)
     new_chunk = max(1, fits // new_batch)
-    note = (f"--batch-size {batch_size} x --chunk {chunk} would hold about {batch_size * chunk * per_draw / 2 ** 30:.1f} "
+    note = (f"--batch-size {batch_size} x --chunk {chunk} would hold about "
+            f"{batch_size * chunk * per_draw / 2 ** 30:.1f} "
             f"GiB of activations, more than {MEMORY_FRACTION:.0%} of the {available / 2 ** 30:.1f} GiB available on "
             f"{device.type}; using --batch-size {new_batch} --chunk {new_chunk}")
     return Sizing(new_batch, new_chunk, note)
@@ -585,7 +595,8 @@ def format_table(results: dict) -> str:
     if r["guide"] == "delta":
         lines.append("  note: q(z|x) is a point mass (--guide delta): these are log p(x, z*), not bounds on log p(x)")
     if r.get("layers"):  # a hierarchical VAE: the KL and active units of each layer; the table below is z's
-        lines += ["", f"  {'per stochastic layer (z is z_1)':32s} {'KL nats':>9s} {'std. err.':>9s} {'active units':>14s}"]
+        lines += ["", f"  {'per stochastic layer (z is z_1)':32s} {'KL nats':>9s} {'std. err.':>9s} "
+                      f"{'active units':>14s}"]
         lines += [f"  {row['site']:32s} {row['kl']['mean']:9.2f} {row['kl']['stderr']:9.2f} "
                   f"{row['active_units']:>7d} of {row['width']}" for row in r["layers"]]
         lines.append("")
@@ -612,13 +623,13 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default is None else super()._get_help_string(action)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m pyro_vae.evaluate") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m pyro_vae.evaluate",
+        prog=prog,
         description="Evaluate a trained run on its test set: ELBO, importance-sampled log p(x), KL, active units. "
                     "Writes RUN/evaluation.json (for a shipped pretrained/NAME, runs/NAME/evaluation.json) and prints "
-                    "a table. After each batch the totals so far are saved beside it (evaluation.partial.json): run the "
-                    "same command again after a kill and it continues from there.",
+                    "a table. After each batch the totals so far are saved beside it (evaluation.partial.json): run "
+                    "the same command again after a kill and it continues from there.",
         formatter_class=_HelpFormatter,
     )
     parser.add_argument("run", help="run directory or checkpoint file")
@@ -658,8 +669,8 @@ def _stop(signum, frame):
     raise Stopped(signum)
 
 
-def main(argv=None) -> int:
-    parser = build_parser()
+def main(argv=None, prog: str = "python -m pyro_vae.evaluate") -> int:
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     for flag, value, minimum in (("--k", args.k, 1), ("--chunk", args.chunk, 1),
                                  ("--batch-size", args.batch_size, 1), ("--threads", args.threads, 1),

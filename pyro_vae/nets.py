@@ -134,14 +134,14 @@ class Classifier(nn.Module):
 
 
 def make_classifier(config, num_classes: int = NUM_CLASSES) -> Classifier:
-    """A network that predicts the digit: the encoder's feature layers (of --classifier-arch, else --arch) and a head."""
+    """A network that predicts the digit: the encoder's feature layers (of --classifier-arch, else --arch), a head."""
     arch = config.classifier_arch or config.arch
     encoder, _ = make_nets(dataclasses.replace(config, arch=arch))
     return Classifier(encoder.features, encoder.head.in_features, num_classes)
 
 
 def glorot_(module: nn.Module) -> nn.Module:
-    """Keras's default initialisation, in place: Glorot-uniform weights, zero biases, for every linear and conv layer."""
+    """Keras's default initialisation, in place: Glorot-uniform weights, zero biases, in each linear and conv layer."""
     for layer in module.modules():
         if isinstance(layer, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
             nn.init.xavier_uniform_(layer.weight)

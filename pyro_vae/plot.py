@@ -89,7 +89,7 @@ def _figure(width: float, height: float):
 
 def _grid_array(images: torch.Tensor, nrow: int):
     """Images (N, 1, 28, 28) as one (H, W) array for imshow, with lines between them."""
-    return tile(images, nrow, pad_value=0.2).numpy()  # drawn with cmap="gray_r": ink black, background white, lines grey
+    return tile(images, nrow, pad_value=0.2).numpy()  # for cmap="gray_r": black ink, white background, grey lines
 
 
 def image_panels(panels: dict[str, torch.Tensor], nrow: int = 8, panel_width: float = 3.2):
@@ -168,7 +168,7 @@ def _digit_colours(ax, points, labels, fig, **kwargs):
 
 @torch.no_grad()
 def latent_scatter(run, images: torch.Tensor, labels: torch.Tensor):
-    """Posterior means of images coloured by digit: the latent plane itself in 2-D, its first two principal axes above."""
+    """Posterior means of images coloured by digit: the latent plane in 2-D, its first two principal axes above."""
     loc, _ = posterior_params(run, images, labels)
     loc, labels = loc.double().cpu(), labels.cpu()
     fig = _figure(6.5, 5.5)
@@ -384,6 +384,43 @@ PICTURES = EVERY_RUN + UNCONDITIONAL
 CONDITIONAL_PICTURES = EVERY_RUN + CONDITIONAL
 
 
+NO_DOT = ("Pyro's diagrams of the model and guide are drawn by Graphviz's `dot` program, which is not installed "
+          "here (apt-get install graphviz, or brew install graphviz)")
+
+
+def program_graphs(run, x: torch.Tensor, y: torch.Tensor | None = None) -> dict:
+    """pyro.render_model of the run's model and of its guide, run on images x (and labels y, where the model is
+    told them): name -> graphviz.Digraph."""
+    import pyro
+
+    y = y if run.labels_observed else None
+    return {name: pyro.render_model(program, model_args=(x, y), render_distributions=True)
+            for name, program in (("model", run.model), ("guide", run.guide))}
+
+
+def program_diagram(run, x: torch.Tensor, y: torch.Tensor | None = None):
+    """The model and the guide as Pyro draws them (plate diagrams), side by side; None where Graphviz's `dot`
+    program, which draws them, is missing (NO_DOT says so)."""
+    import io
+    import shutil
+
+    from PIL import Image
+
+    if shutil.which("dot") is None:
+        return None
+    pictures = {name: Image.open(io.BytesIO(graph.pipe(format="png")))
+                for name, graph in program_graphs(run, x, y).items()}
+    dpi = 96  # dot's PNGs: drawn at their own size
+    width = sum(p.width for p in pictures.values()) / dpi + 0.5
+    fig = _figure(width, max(p.height for p in pictures.values()) / dpi + 0.4)
+    axes = fig.subplots(1, len(pictures), width_ratios=[p.width for p in pictures.values()])
+    for ax, (name, picture) in zip(axes, pictures.items()):
+        ax.imshow(picture)
+        ax.set_title(name)
+        ax.axis("off")
+    return fig
+
+
 def plot_run(run_dir: Path, out: Path | None = None, *, axes: tuple[int, int] | None = None, limit: int = 5000,
              pair: tuple[int, int] = (0, 1), styles: list[int] | None = None, device: str = "cpu",
              data_dir: str | None = None) -> list[Path]:
@@ -430,12 +467,12 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def main(argv=None) -> int:
+def main(argv=None, prog: str = "python -m pyro_vae.plot") -> int:
     import matplotlib
 
     matplotlib.use("Agg")  # files only; harmless where pyplot is never used
     parser = argparse.ArgumentParser(
-        prog="python -m pyro_vae.plot", description="Save the pictures of a trained run into RUN/plots/.",
+        prog=prog, description="Save the pictures of a trained run into RUN/plots/.",
         epilog=f"Pictures of every run: {', '.join(EVERY_RUN)}; of an unconditional run also "
                f"{', '.join(UNCONDITIONAL)}; of a label-conditioned run (--conditional) instead "
                f"{', '.join(CONDITIONAL)}: samples with one row per digit, and styles (drawn from the prior, "

@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
@@ -28,9 +28,10 @@ from .checkpoint import (CHECKPOINT_NAME, METRICS_NAME, CheckpointError, read_ch
 from .config import Config, parse_command_line
 from .data import IMAGE_SHAPE, DataError, load_mnist
 from .estimators import make_elbo
-from .evaluate import elbo_per_image
+from .evaluate import elbo_and_kl_per_image
 from . import distributed, plot
 from .model import VAE, build_vae
+from .tensorboard_log import FOLDER as TENSORBOARD_FOLDER, epoch_board
 from .trained import TrainedVAE
 
 NUM_RECONSTRUCTIONS_SHOWN = 32  # fixed test digits, shown above their reconstructions
@@ -445,18 +446,20 @@ def kl_weight(config: Config, epochs_done: float) -> float:
 
 @torch.no_grad()
 def test_figures(trained: TrainedVAE, data) -> dict:
-    """Unweighted test ELBO (nats per image) and, for a model with a classifier, the accuracy of q(y | x)."""
+    """Unweighted test ELBO and its KL term (nats per image) and, for a model with a classifier, the accuracy of
+    q(y | x)."""
     labels = data.test_labels if trained.labels_observed else None
-    elbo = elbo_per_image(trained.vae, data.test_images, labels, batch_size=trained.config.eval_batch_size)
-    figures = {"test_elbo": elbo.mean().item()}
+    elbo, kl = elbo_and_kl_per_image(trained.vae, data.test_images, labels, batch_size=trained.config.eval_batch_size)
+    figures = {"test_elbo": elbo.mean().item(), "test_kl": kl.mean().item()}
     if trained.vae.classifier is not None:
         figures["test_accuracy"] = (trained.classify(data.test_images) == data.test_labels).float().mean().item()
     return figures
 
 
 def _end_of_epoch(trained: TrainedVAE, data, out: Path, epoch: int, step: int, losses: list[float],
-                  seconds: float) -> dict:
-    """Evaluate, draw the epoch's pictures, print its line and append it to metrics.jsonl.
+                  seconds: float, board=None) -> dict:
+    """Evaluate, draw the epoch's pictures, print its line and append it to metrics.jsonl (and, with a board,
+    write both to TensorBoard).
 
     `train_objective` is the mean of what SVI maximized over the epoch, per image: the ELBO only with
     --beta 1, no KL warm-up, no classifier term and --elbo trace or meanfield (--elbo iwae: the K-sample
@@ -479,6 +482,9 @@ def _end_of_epoch(trained: TrainedVAE, data, out: Path, epoch: int, step: int, l
           f"{row['images_per_s']:7.0f} img/s", flush=True)
     with open(out / METRICS_NAME, "a") as f:
         f.write(json.dumps(row) + "\n")
+    if board is not None:
+        board.write(row, {"samples": out / "images" / f"samples_{epoch:03d}.png",
+                          "reconstructions": out / "images" / f"recon_{epoch:03d}.png"})
     return figures
 
 
@@ -500,20 +506,22 @@ def _drop_metrics_after(out: Path, epoch: int) -> None:
         write_atomically(path, lambda f: f.write("".join(kept).encode()))
 
 
-def train(config: Config, overwrite: bool = False, stop_after: int = 0) -> Path:
+def train(config: Config, overwrite: bool = False, stop_after: int = 0, tensorboard: bool = False) -> Path:
     """Train the VAE that config describes; return the run directory it wrote. stop_after > 0: stop with a
-    checkpoint (Paused) after that many epochs, for resume to continue."""
+    checkpoint (Paused) after that many epochs, for resume to continue. tensorboard: also write each epoch
+    into RUN/tensorboard."""
     ranks = distributed.setup(torch.device(config.device).type)
     lock = None
     if ranks.is_main:  # under torchrun only rank 0 writes the run directory
         out, lock = make_run_dir(config, overwrite)
         config.out = str(out)
-    return _fit(config, Path(config.out), None, ranks, lock, stop_after)
+    return _fit(config, Path(config.out), None, ranks, lock, stop_after, tensorboard)
 
 
-def resume(run_dir: str | Path, stop_after: int = 0) -> Path:
+def resume(run_dir: str | Path, stop_after: int = 0, tensorboard: bool = False) -> Path:
     """Continue an interrupted run from its last checkpoint, with its saved config, to the same end (or, with
-    stop_after > 0, for that many more epochs, as train's)."""
+    stop_after > 0, for that many more epochs, as train's). It continues the run's TensorBoard curves where it
+    has them (RUN/tensorboard), or begins them with tensorboard."""
     out = run_directory(run_dir)
     # rank 0 locks first: a run still training there is "in use", whatever its checkpoint says
     lock = RunLock(out) if out.is_dir() and distributed.launched_rank() == 0 else None
@@ -531,18 +539,19 @@ def resume(run_dir: str | Path, stop_after: int = 0) -> Path:
         if lock:
             lock.release()
         raise
-    return _fit(config, out, state, ranks, lock, stop_after)
+    tensorboard = tensorboard or (out / TENSORBOARD_FOLDER).is_dir()  # the same curves, continued
+    return _fit(config, out, state, ranks, lock, stop_after, tensorboard)
 
 
 def _fit(config: Config, out: Path, state: dict | None, ranks: distributed.Ranks, lock: RunLock | None,
-         stop_after: int = 0) -> Path:
+         stop_after: int = 0, tensorboard: bool = False) -> Path:
     """The loop shared by train and resume: state is a checkpoint to continue from, or None; lock is the run
     directory's (rank 0's), released at the end however the run ends."""
     failed = True  # a rank that failed leaves without waiting for its peers, who may never come
     try:
         if state is None and ranks.is_main:
             config.save(out / "config.json")
-        result = _loop(config, out, state, ranks, stop_after)
+        result = _loop(config, out, state, ranks, stop_after, tensorboard)
         failed = False
         return result
     except (Interrupted, Paused):  # every rank stops after the same step, as agreed
@@ -554,7 +563,8 @@ def _fit(config: Config, out: Path, state: dict | None, ranks: distributed.Ranks
         distributed.teardown(ranks, failed)
 
 
-def _loop(config: Config, out: Path, state: dict | None, ranks: distributed.Ranks, stop_after: int = 0) -> Path:
+def _loop(config: Config, out: Path, state: dict | None, ranks: distributed.Ranks, stop_after: int = 0,
+          tensorboard: bool = False) -> Path:
     if ranks.is_main:
         print(f"pyro_vae: {'resuming' if state else 'training'} in {out}\n{config.describe()}", flush=True)
     device = torch.device(config.device)
@@ -611,7 +621,7 @@ def _loop(config: Config, out: Path, state: dict | None, ranks: distributed.Rank
         return snapshot
 
     first_epoch = epoch  # of this session: what stop_after counts from
-    with stop:
+    with stop, epoch_board(out, first_epoch, tensorboard and ranks.is_main) as board:
         while epoch <= config.epochs and not (config.max_steps and step >= config.max_steps):
             vae.train()
             start = time.perf_counter() - seconds_before  # the epoch's seconds count its part before a resume
@@ -647,7 +657,7 @@ def _loop(config: Config, out: Path, state: dict | None, ranks: distributed.Rank
             seconds = time.perf_counter() - start
             rng = distributed.all_gather(_rng_state(device), ranks)
             if ranks.is_main:  # evaluation, pictures and checkpoints are rank 0's
-                figures = _end_of_epoch(trained, data, out, epoch, step, losses, seconds)
+                figures = _end_of_epoch(trained, data, out, epoch, step, losses, seconds, board)
                 improved, best = figures["test_elbo"] > best, max(best, figures["test_elbo"])
                 snapshot = checkpoint(epoch, rng)
                 if improved:
@@ -664,14 +674,14 @@ def _loop(config: Config, out: Path, state: dict | None, ranks: distributed.Rank
     return out
 
 
-def main(argv=None) -> int:
+def main(argv=None, prog: str = "python -m pyro_vae.train") -> int:
     """The command line: parse flags (exit 2 on bad ones), then train or resume."""
-    config, options = parse_command_line(argv)
+    config, options = parse_command_line(argv, prog)
     try:
         if options.resume:
-            resume(options.resume, stop_after=options.stop_after)
+            resume(options.resume, stop_after=options.stop_after, tensorboard=options.tensorboard)
         else:
-            train(config, overwrite=options.overwrite, stop_after=options.stop_after)
+            train(config, overwrite=options.overwrite, stop_after=options.stop_after, tensorboard=options.tensorboard)
     except Paused as e:  # what was asked: not an error
         print(f"pyro_vae: {e}", flush=True)
         return 0

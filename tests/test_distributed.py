@@ -7,8 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import processes
 from pyro_vae.checkpoint import read_checkpoint
@@ -30,7 +32,7 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(data_di
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     # in two sessions: --stop-after 2 stops both ranks after epoch 2 (exit 0), and --resume does the third
     two = processes.run(torchrun + ["-m", "pyro_vae.train", *flags, "--out", str(tmp_path / "two"),
-                                    "--stop-after", "2"], cwd=ROOT, timeout=600, env=env)
+                                    "--stop-after", "2", "--tensorboard"], cwd=ROOT, timeout=600, env=env)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "as --stop-after asked" in two.stdout and read_checkpoint(tmp_path / "two")["epoch"] == 2
     rest = processes.run(torchrun + ["-m", "pyro_vae.train", "--resume", str(tmp_path / "two")], cwd=ROOT,
@@ -42,6 +44,11 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(data_di
 
     assert two.stdout.count("pyro_vae: training in") == 1  # only rank 0 speaks and writes
     rows_two, rows_one = _metrics(tmp_path / "two"), _metrics(tmp_path / "one")
+    # TensorBoard too: one event file per session (rank 0's), whose curve is metrics.jsonl's
+    assert len(list((tmp_path / "two" / "tensorboard").iterdir())) == 2
+    board = EventAccumulator(str(tmp_path / "two" / "tensorboard")).Reload()
+    assert [(e.step, e.value) for e in board.Scalars("test/elbo")] == [(r["epoch"], float(np.float32(r["test_elbo"])))
+                                                                       for r in rows_two]
     assert [r["step"] for r in rows_two] == [r["step"] for r in rows_one] == [64, 128, 192]
     for a, b in zip(rows_two, rows_one):
         assert a["train_objective"] == pytest.approx(b["train_objective"], rel=TOLERANCE)

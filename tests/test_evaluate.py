@@ -117,6 +117,28 @@ def test_reconstruction_term_and_kl_match_their_closed_forms():
                                                                                         abs=5 * se["kl"])
 
 
+def test_the_epochs_kl_term_is_the_closed_form_kl_and_its_elbo_is_elbo_per_image():
+    """elbo_and_kl_per_image (the trainer's test ELBO and test KL, one draw of z per image): the ELBO the same
+    draws as elbo_per_image's, and the KL term's mean over 4000 images KL(q || p) within 5 standard errors."""
+    ppca = PPCA()
+    x = ppca.marginal().sample((4000,))  # from the test's seed, PYRO_VAE_TEST_SEED
+    seed = int(torch.randint(2 ** 31, ()))  # two calls on the same draws
+    pyro.set_rng_seed(seed)
+    elbo, kl = evaluate.elbo_and_kl_per_image(ppca, x, batch_size=1000)
+    pyro.set_rng_seed(seed)
+    assert torch.equal(elbo, evaluate.elbo_per_image(ppca, x, batch_size=1000))
+    q = ppca.q(x)
+    exact = kl_to_standard_normal(q.mean, q.stddev).sum(-1)  # (4000,)
+    # one draw's log q - log p scatters about its image's KL, and the KLs scatter among images: kl's own spread
+    se = kl.std().item() / math.sqrt(len(x))
+    assert kl.mean().item() == pytest.approx(exact.mean().item(), abs=5 * se)
+    pyro.set_rng_seed(seed)
+    elbo, kl = evaluate.elbo_and_kl_per_image(ppca, x[:10])
+    pyro.set_rng_seed(seed)
+    estimates = importance_estimates(ppca, x[:10], num_samples=1)  # the reconstruction term too: ELBO = rec - KL
+    assert torch.allclose(estimates.reconstruction - kl, elbo, atol=1e-4) and torch.equal(estimates.kl, kl)
+
+
 @pytest.mark.parametrize("k, chunk", [(1, 1), (10, 3), (10, 10), (7, 100)])
 @pytest.mark.parametrize("story", ["PPCA", "LinearGaussianChain"])
 def test_exact_guide_gives_the_exact_value_for_any_k_and_chunking(story, k, chunk):

@@ -145,3 +145,15 @@ def test_the_package_modules_import_each_other_without_a_circle():
 
     circles = {name: path_back(name, name, set()) for name in graph}
     assert {name: circle for name, circle in circles.items() if circle} == {}
+
+
+def test_the_package_is_typed_and_passes_the_linter_that_ci_runs():
+    """py.typed (PEP 561: type checkers read the package's annotations), and `ruff check pyro_vae`, which .ci/run
+    runs before the tests, with the rules pyproject.toml selects."""
+    root = Path(__file__).resolve().parent.parent
+    assert (Path(pyro_vae.__file__).parent / "py.typed").is_file()
+    ci = (root / ".ci" / "run").read_text()
+    assert ci.index("uv run --locked ruff check pyro_vae") < ci.index("uv run --locked pytest")
+    ruff = Path(sys.executable).parent / "ruff"  # the dev group's ruff, beside python
+    result = subprocess.run([str(ruff), "check", "pyro_vae"], cwd=root, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr

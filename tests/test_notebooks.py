@@ -1,10 +1,13 @@
 """The notebooks run top to bottom (with the quick setting) and draw their pictures."""
 
+import shutil
 from pathlib import Path
 
 import nbformat
 import pytest
 from nbclient import NotebookClient
+
+from pyro_vae import plot
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
@@ -30,6 +33,12 @@ def test_notebook_runs_top_to_bottom(name, train, min_pictures, data_dir, tmp_pa
     if name == "posterior_inspection.ipynb":  # which run it looked at: its epochs are printed
         printed = "".join(out.get("text", "") for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs)
         assert ("trained for 1 epoch(s)" if train else "trained for 10 epoch(s)") in printed
+        # Pyro's diagram of the model and guide where Graphviz's dot is installed, else one line saying it is not
+        diagram = next(cell for cell in nb.cells if "plot.program_diagram(" in cell.source).outputs
+        if shutil.which("dot"):
+            assert [out.output_type for out in diagram] == ["execute_result"] and "image/png" in diagram[0].data
+        else:
+            assert [out.get("text") for out in diagram] == [plot.NO_DOT + "\n"]
 
     outputs = [out for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs]
     pictures = [out for out in outputs if "image/png" in out.get("data", {})]

@@ -278,3 +278,37 @@ def test_saved_grid_has_the_pixels_of_the_images(tmp_path):
     pixels = torch.from_numpy(np.array(Image.open(tmp_path / "g.png"))).float()
     assert torch.allclose(pixels[2:30, 32:60] / 255, images[1, 0], atol=1 / 255)  # second image: top right
     assert (pixels[32:60, 32:60] == 255).all()  # no fourth image: padding colour
+
+
+@pytest.mark.parametrize("settings, latents", [({}, ["z"]), ({"layers": 2}, ["z", "z2"]),
+                                               ({"conditional": True}, ["z"])], ids=["vae", "hierarchy", "cvae"])
+def test_the_program_graphs_are_pyros_plate_diagrams_of_model_and_guide(settings, latents):
+    """pyro.render_model's graph (DOT text, no Graphviz program needed): every latent in the data plate of both,
+    the observed x in the model's only, each with its distribution."""
+    config = Config(latent_dim=2, arch="mlp", hidden_dim=8, layer_hidden_dim=8, device="cpu", **settings)
+    run = pyro_vae.TrainedVAE(pyro_vae.build_vae(config), config)
+    x, y = torch.zeros(3, 1, 28, 28), torch.zeros(3, dtype=torch.long)
+    graphs = plot.program_graphs(run, x, y)
+    model, guide = graphs["model"].source, graphs["guide"].source
+    assert "subgraph cluster_data" in model and "subgraph cluster_data" in guide
+    for name in latents:
+        node = f"\t\t{name} [label={name} fillcolor=white"  # a latent: unshaded, inside the plate
+        assert node in model and node in guide
+    assert "x [label=x fillcolor=gray" in model and "x [label=x" not in guide  # observed: shaded, and only in p
+    assert "x ~ Bernoulli" in model
+    if config.conditional:  # the label, observed, in the model
+        assert "y [label=y fillcolor=gray" in model
+
+
+def test_without_graphvizs_dot_program_the_diagram_is_none(run_2d, monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no dot on it
+    assert plot.program_diagram(pyro_vae.load(run_2d), torch.zeros(2, 1, 28, 28)) is None
+    assert "\n" not in plot.NO_DOT and "dot" in plot.NO_DOT
+
+
+@pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz's dot program is not installed")
+def test_with_graphvizs_dot_program_the_diagram_shows_model_and_guide(run_2d):
+    fig = plot.program_diagram(pyro_vae.load(run_2d), torch.zeros(2, 1, 28, 28))
+    assert [ax.get_title() for ax in fig.axes] == ["model", "guide"]
+    model, guide = (ax.images[0].get_array() for ax in fig.axes)
+    assert model.shape[0] > guide.shape[0]  # the model's diagram is taller: z above x

@@ -5,6 +5,7 @@ import dataclasses
 import errno
 import json
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -23,6 +24,7 @@ import processes
 import pyro_vae
 from pyro_vae.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from pyro_vae.config import Config, parse_args
+from pyro_vae.evaluate import main as evaluate_main
 from pyro_vae.train import Diverged, Interrupted, RunDirError, SVIStep, main, resume, train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -312,14 +314,40 @@ def test_checkpoint_of_another_architecture_is_refused(small_config, tmp_path):
 
 
 class _Evil:
+    """Unpickled, it runs a shell command that creates the file `marker`."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
     def __reduce__(self):
-        return (os.system, ("echo pwned > /dev/null",))
+        return (os.system, (f"touch {self.marker}",))
 
 
-def test_checkpoints_that_would_run_code_are_refused(tmp_path):
-    torch.save({"format": "pyro_vae.checkpoint/1", "config": _Evil()}, tmp_path / "evil.pt")
-    with pytest.raises(CheckpointError, match="not a readable"):
-        pyro_vae.load(tmp_path / "evil.pt")
+UNSAFE = "is not a pyro_vae checkpoint and may be unsafe; it was not loaded"
+
+
+@pytest.mark.parametrize("form", ["zip", "legacy", "pickle"])
+def test_checkpoints_that_would_run_code_are_refused_in_one_line_that_gives_no_advice(form, tmp_path, capsys):
+    """Refused by pyro_vae.load, evaluate and train --resume without running it, in one line that does not relay
+    torch's advice to load it again with weights_only=False (which would run it)."""
+    marker, run = tmp_path / "pwned", tmp_path / "run"
+    run.mkdir()
+    payload = {"format": "pyro_vae.checkpoint/1", "config": _Evil(marker)}
+    path = run / "checkpoint.pt"
+    if form == "pickle":  # a bare pickle, not torch's format
+        path.write_bytes(pickle.dumps(payload, protocol=4))
+    else:
+        torch.save(payload, path, _use_new_zipfile_serialization=form == "zip")
+    with pytest.raises(CheckpointError) as info:
+        pyro_vae.load(path)
+    assert str(info.value) == f"{path} {UNSAFE}"
+    assert evaluate_main([str(run), "--limit", "10", "--out", str(tmp_path / "e.json")]) == 1
+    assert capsys.readouterr().err == f"error: {path} {UNSAFE}\n"
+    assert main(["--resume", str(run)]) == 1
+    assert capsys.readouterr().err == f"error: {path} {UNSAFE}\n"
+    assert not marker.exists()  # nothing in the file ran
+    pickle.loads(pickle.dumps(_Evil(marker)))  # while unpickled by anything less careful, it runs
+    assert marker.exists()
 
 
 FIELDS = [f for f in dataclasses.fields(Config) if f.name not in ("data_dir", "out", "device")]
