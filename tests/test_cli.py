@@ -1,13 +1,13 @@
 """The one command (`pyro-vae train|evaluate|plot|compress`, the console script) and the trainer's config files."""
 
 import json
-import subprocess
 import sys
 import tomllib
 from pathlib import Path
 
 import pytest
 
+import processes
 from pyro_vae import cli
 from pyro_vae.config import Config, parse_command_line
 from pyro_vae.train import main as train_main
@@ -18,7 +18,7 @@ PYRO_VAE = Path(sys.executable).parent / "pyro-vae"  # the console script that `
 
 
 def _run(*argv, cwd=ROOT):
-    return subprocess.run([str(a) for a in argv], cwd=cwd, capture_output=True, text=True, timeout=300)
+    return processes.run([str(a) for a in argv], cwd=cwd, timeout=300)
 
 
 def _error_line(stderr: str) -> str:

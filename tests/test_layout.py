@@ -155,5 +155,5 @@ def test_the_package_is_typed_and_passes_the_linter_that_ci_runs():
     ci = (root / ".ci" / "run").read_text()
     assert ci.index("uv run --locked ruff check pyro_vae") < ci.index("uv run --locked pytest")
     ruff = Path(sys.executable).parent / "ruff"  # the dev group's ruff, beside python
-    result = subprocess.run([str(ruff), "check", "pyro_vae"], cwd=root, capture_output=True, text=True, timeout=120)
+    result = processes.run([str(ruff), "check", "pyro_vae"], cwd=root, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
