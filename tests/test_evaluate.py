@@ -586,9 +586,9 @@ def test_the_evaluation_benchmark_compares_the_old_sizing_with_the_automatic_one
     assert exit_info.value.code == 2
 
 
-def test_evaluation_on_channels_last_weights_gives_the_figures_of_contiguous_ones(small_config, monkeypatch):
-    """On the CPU the conv nets run channels-last during an evaluation (faster with oneDNN): the same figures, and
-    the run comes back as it was."""
+def test_evaluation_in_channels_last_gives_the_figures_of_contiguous_convolutions(small_config, monkeypatch):
+    """On the CPU the conv nets run channels-last (faster with oneDNN; model.MEMORY_FORMAT): the same figures, and
+    the weights stay as they are."""
     run = TrainedVAE(build_vae(small_config), small_config, {"epoch": 1})
     weight = next(m for m in run.vae.decoder.modules() if isinstance(m, nn.ConvTranspose2d)).weight  # (8, 4, 3, 3)
     fast = evaluate_run(run, k=20, limit=8, seed=3, progress=False)
