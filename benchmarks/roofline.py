@@ -35,7 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry
 if __package__ in (None, ""):  # run as a script: the project root on the path, as `-m benchmarks.roofline` has it
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.bench import ProjectTrainer, batch_drawer  # noqa: E402
+from benchmarks.bench import ProjectTrainer  # noqa: E402
 from pyro_vae import evaluate  # noqa: E402
 from pyro_vae.config import Config, parse_args  # noqa: E402
 from pyro_vae.data import load_mnist  # noqa: E402
@@ -173,14 +173,16 @@ class _threads:
 
 
 def training_step(config: Config, data) -> Callable[[], object]:
-    """One training step of the trainer (bench's ProjectTrainer: the VAE from build_vae, SVIStep), each call
-    on a fresh batch; the first (with Pyro's checks) already taken."""
+    """One training step of the trainer (bench's ProjectTrainer: the VAE from build_vae, SVIStep), each call on a
+    fresh batch of the kind most of the loop's are (labels used, except semi-supervised); the first step (with
+    Pyro's checks) already taken."""
     side = ProjectTrainer(config, data.num_train, torch.device(config.device))
-    draw = batch_drawer(data, config.batch_size)
+    labelled = data.labelled is None
 
     def step():
+        indices = torch.randint(0, data.num_train, (config.batch_size,), device=data.train_images.device)
         with side.scope():
-            return side.svi.step(draw(), None)
+            return side.svi.step(*data.batch(indices, labelled))
 
     step()
     return step
@@ -192,11 +194,12 @@ def evaluation_batch(config: Config, data, k: int) -> tuple[Callable[[], object]
     device = torch.device(config.device)
     run = TrainedVAE(build_vae(config).to(device), config)
     images = data.test_images
-    sizing = evaluate.pass_sizing(run.vae, images, k=k, device=device)
-    x = images[:sizing.batch_size]
+    labels = data.test_labels if run.labels_observed else None  # the label-conditioned model is told y
+    sizing = evaluate.pass_sizing(run.vae, images, None if labels is None else labels[:1], k=k, device=device)
+    x, y = images[:sizing.batch_size], None if labels is None else labels[:sizing.batch_size]
 
     def batch():
-        return evaluate.batch_figures(run, x, None, k=k, chunk=sizing.chunk)
+        return evaluate.batch_figures(run, x, y, k=k, chunk=sizing.chunk)
 
     return batch, sizing
 
@@ -306,8 +309,12 @@ def main(argv=None) -> int:
     if min(args.threads) < 1 or args.k < 1 or args.rounds < 1:
         parser.error("--threads, --k and --rounds must be at least 1")
     config = parse_args(["--device", "cpu", *trainer_flags])  # the trainer's checks; exits 2 on a bad flag
+    if config.device != "cpu":
+        parser.error(f"the roofline is this CPU's: --device {config.device} is not measured here")
     data = load_mnist(config.data_dir, binarize=config.binarize, device=config.device,
                       train_size=config.train_size or 10_000, test_size=config.test_size or 1000)
+    if config.labels:
+        data.keep_labels(config.labels, config.seed)
     torch.manual_seed(config.seed)
     workloads = {}
     if not args.no_train:
