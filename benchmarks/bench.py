@@ -332,9 +332,14 @@ def bench_evaluation(config: Config, data: MNIST, args: argparse.Namespace) -> d
     def project():
         return evaluate.elbo_per_image(vae, images, batch_size=config.eval_batch_size)
 
+    # the yardstick's networks as a user writes them (make_nets, torch's layout), with the project's weights
+    encoder, decoder = (net.to(device).eval() for net in make_nets(config))
+    encoder.load_state_dict(vae.encoder.state_dict())
+    decoder.load_state_dict(vae.decoder.state_dict())
+
     @torch.no_grad()
     def yardstick():
-        return torch.cat([yardstick_elbo(vae.encoder, vae.decoder, x) for x in batches])
+        return torch.cat([yardstick_elbo(encoder, decoder, x) for x in batches])
 
     result = {"test_images": len(images), "eval_batch_size": config.eval_batch_size}
     if device.type == "cuda":

@@ -20,7 +20,7 @@ import torch
 
 from pyro_vae.checkpoint import CheckpointError, load
 from pyro_vae.data import DataError
-from pyro_vae import evaluate
+from pyro_vae import model
 from pyro_vae.evaluate import evaluate_run
 
 # evaluate's defaults before they were sized from memory: 100 x 100, as many threads as torch starts with, and
@@ -31,16 +31,16 @@ AUTOMATIC = {"batch_size": None, "chunk": None, "threads": None, "channels_last"
 
 @contextmanager
 def _weights_as_stored(channels_last: bool):
-    """Where channels_last is False, evaluate_run keeps the conv weights contiguous, as it did before."""
+    """Where channels_last is False, evaluate_run runs the conv weights contiguous, as it did before."""
     if channels_last:
         yield
         return
-    saved = evaluate.MEMORY_FORMATS["channels_last"]
-    evaluate.MEMORY_FORMATS["channels_last"] = torch.contiguous_format
+    saved = model.MEMORY_FORMAT.get("cpu")
+    model.MEMORY_FORMAT["cpu"] = torch.contiguous_format
     try:
         yield
     finally:
-        evaluate.MEMORY_FORMATS["channels_last"] = saved
+        model.MEMORY_FORMAT["cpu"] = saved
 
 
 def time_evaluation(run, *, k: int, limit: int, batch_size: int | None, chunk: int | None, threads: int | None,

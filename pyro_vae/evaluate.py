@@ -26,6 +26,7 @@ from tqdm import tqdm
 from .checkpoint import PRETRAINED, CheckpointError, load, run_directory, write_atomically
 from .config import default_device
 from .data import DataError, load_mnist
+from .model import MEMORY_FORMAT
 from .trained import TrainedVAE
 
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. (2016): a unit is active when Cov_x(E_q[z_d | x]) exceeds this
@@ -249,7 +250,6 @@ CPU_LARGEST_ACTIVATION = 16 * 2 ** 20  # bytes
 CUDA_FREE_FRACTION = 0.25
 MEMORY_FRACTION = 0.5  # the most of the available memory one pass may hold: a larger size asked for is clamped
 PARTIAL_FORMAT = "pyro_vae.evaluate.partial/1"
-MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}  # of the conv weights
 
 
 class Sizing(NamedTuple):
@@ -453,6 +453,25 @@ def _resume(partial: Path, settings: dict, automatic: set, fits) -> tuple[dict |
     return state, state["settings"] if state else settings
 
 
+@torch.no_grad()
+def batch_figures(run, x: torch.Tensor, y: torch.Tensor | None, *, k: int, chunk: int) -> dict[str, torch.Tensor]:
+    """Every per-image figure that evaluate_run sums, for one batch of images x: k draws each, chunk per pass."""
+    e = importance_estimates(run.vae, x, y, num_samples=k, chunk=chunk)
+    loc, scale = posterior_params(run, x, y)  # (B, latent_dim) each
+    # ELBO = reconstruction - KL + the label's terms: log p(y) where y is observed (log 1/10),
+    # E_q[log p(y) - log q(y | x)] = -KL(q(y | x) || p(y)) where q(y | x) infers it, nothing without a label
+    return {"log_px": e.log_px, "elbo": e.elbo, "reconstruction": e.reconstruction, "kl": e.kl,
+            "label": e.elbo - e.reconstruction + e.kl, "gap": e.log_px - e.elbo, "loc": loc,
+            "kl_per_dim": kl_to_standard_normal(loc, scale),
+            **{f"kl {site}": value for site, value in e.layer_kl.items()},
+            **{f"mean {site}": value for site, value in e.layer_mean.items()}}
+
+
+def _layout_name(device: torch.device) -> str:
+    """The layout the convolutions run in on device (model.MEMORY_FORMAT), as the partial file records it."""
+    return "channels_last" if MEMORY_FORMAT.get(device.type) == torch.channels_last else "contiguous"
+
+
 def evaluate_run(run, *, k: int = 1000, limit: int = 0, batch_size: int | None = None, chunk: int | None = None,
                  threads: int | None = None, seed: int = 0, device: str | None = None, data_dir: str | None = None,
                  progress: bool | None = None, partial: str | Path | None = None) -> dict:
@@ -489,7 +508,7 @@ def evaluate_run(run, *, k: int = 1000, limit: int = 0, batch_size: int | None =
         settings = {"format": PARTIAL_FORMAT, "run": run_identity(run), "device": device.type, "k": k, "seed": seed,
                     "num_images": len(images), "batch_size": chosen.batch_size, "chunk": chosen.chunk,
                     "threads": None if device.type == "cuda" else threads or cpu_threads(),
-                    "memory_format": "channels_last" if device.type == "cpu" else "contiguous"}
+                    "memory_format": _layout_name(device)}
         state = None
         if partial is not None:
             partial = Path(partial)
@@ -504,21 +523,10 @@ def evaluate_run(run, *, k: int = 1000, limit: int = 0, batch_size: int | None =
         try:
             if settings["threads"]:
                 torch.set_num_threads(settings["threads"])
-            # on the CPU, oneDNN's convolutions (the decoder's transposed ones most) run about 1.6 times as fast on
-            # channels-last weights: measured on the conv VAE, same figures to 1e-5 nats (docs/evaluation.md)
-            run.vae.to(memory_format=MEMORY_FORMATS[settings["memory_format"]])
             for index in range(done, math.ceil(len(images) / b)):
                 x, y = images[index * b:(index + 1) * b], batch_labels(index * b, (index + 1) * b)
                 torch.manual_seed(batch_seed(seed, index))
-                e = importance_estimates(run.vae, x, y, num_samples=k, chunk=chunk)
-                loc, scale = posterior_params(run, x, y)  # (B, latent_dim) each
-                # ELBO = reconstruction - KL + the label's terms: log p(y) where y is observed (log 1/10),
-                # E_q[log p(y) - log q(y | x)] = -KL(q(y | x) || p(y)) where q(y | x) infers it, nothing without a label
-                _add(totals, {"log_px": e.log_px, "elbo": e.elbo, "reconstruction": e.reconstruction, "kl": e.kl,
-                              "label": e.elbo - e.reconstruction + e.kl, "gap": e.log_px - e.elbo, "loc": loc,
-                              "kl_per_dim": kl_to_standard_normal(loc, scale),
-                              **{f"kl {site}": value for site, value in e.layer_kl.items()},
-                              **{f"mean {site}": value for site, value in e.layer_mean.items()}})
+                _add(totals, batch_figures(run, x, y, k=k, chunk=chunk))
                 if partial is not None:
                     _save_partial(partial, {"settings": settings, "batches": index + 1, "totals": totals,
                                             "images": min((index + 1) * b, len(images)),
@@ -526,7 +534,6 @@ def evaluate_run(run, *, k: int = 1000, limit: int = 0, batch_size: int | None =
                 bar.update(len(x))
         finally:
             torch.set_num_threads(previous_threads)
-            run.vae.to(memory_format=torch.contiguous_format)  # the run as it came
             bar.close()
 
     n = len(images)

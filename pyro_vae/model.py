@@ -154,10 +154,43 @@ def build_vae(config, num_data: int | None = None) -> VAE:
     top_down, bottom_up = make_hierarchy_nets(config)
     prior = make_prior(config, encoder) if config.layers == 1 else _top_prior(config, encoder, bottom_up)
     posterior = make_posterior(config, encoder)
-    return VAE(encoder, decoder, prior, make_likelihood(config), posterior,
-               classifier, conditional=config.conditional, num_data=num_data,
-               classifier_weight=config.classifier_weight, top_down=top_down, bottom_up=bottom_up,
-               ladder=posterior.top_down)
+    vae = VAE(encoder, decoder, prior, make_likelihood(config), posterior,
+              classifier, conditional=config.conditional, num_data=num_data,
+              classifier_weight=config.classifier_weight, top_down=top_down, bottom_up=bottom_up,
+              ladder=posterior.top_down)
+    return _convolutions_in_device_layout(vae)  # the one place the layout is chosen (MEMORY_FORMAT)
+
+
+# The memory layout the networks' convolutions run in, per type of device. On the CPU oneDNN's kernels run faster
+# channels-last, in training and in evaluation (docs/speed.md); elsewhere the input stays as it comes. Only the
+# activations change layout: the parameters keep torch's, so Pyro's param store holds the very tensors Adam steps
+# (it would keep a contiguous copy of a channels-last one) and checkpoints do not depend on it.
+MEMORY_FORMAT = {"cpu": torch.channels_last}
+
+
+def _input_in_layout(conv: nn.Module, args: tuple) -> tuple | None:
+    """A convolution's forward pre-hook: its input (N, C, H, W) in MEMORY_FORMAT's layout for the input's device.
+
+    The strides decide which kernel torch picks; a one-channel image is contiguous in both layouts, but only a
+    channel stride of 1 picks channels-last. Once in the layout, the activations of later layers stay in it.
+    """
+    x, *rest = args
+    layout = MEMORY_FORMAT.get(x.device.type)
+    if layout is None or x.dim() != 4:
+        return None
+    n, c, h, w = x.shape
+    strides = (c * h * w, 1, w * c, c) if layout == torch.channels_last else (c * h * w, h * w, w, 1)
+    if x.stride() == strides:
+        return None
+    return (torch.empty_like(x, memory_format=layout).copy_(x), *rest)
+
+
+def _convolutions_in_device_layout(vae: nn.Module) -> nn.Module:
+    """vae, every 2-D convolution in it taking its input in the layout of the input's device (MEMORY_FORMAT)."""
+    for module in vae.modules():
+        if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+            module.register_forward_pre_hook(_input_in_layout)
+    return vae
 
 
 def _top_prior(config, encoder: nn.Module, bottom_up: nn.ModuleList) -> nn.Module:

@@ -19,6 +19,7 @@ from torch import nn
 import processes
 from pyro_vae import Config, TrainedVAE, build_vae, evaluate
 from pyro_vae.checkpoint import PRETRAINED, save_checkpoint
+from pyro_vae.model import MEMORY_FORMAT
 from pyro_vae.evaluate import (Estimates, activation_bytes, default_out, evaluate_run, format_table, grid_posteriors,
                                importance_estimates, kl_to_standard_normal, log_weights, main, pass_sizing,
                                posterior_on_grid)
@@ -620,14 +621,14 @@ def test_the_evaluation_benchmark_compares_the_old_sizing_with_the_automatic_one
     assert exit_info.value.code == 2
 
 
-def test_evaluation_on_channels_last_weights_gives_the_figures_of_contiguous_ones(small_config, monkeypatch):
-    """On the CPU the conv nets run channels-last during an evaluation (faster with oneDNN): the same figures, and
-    the run comes back as it was."""
+def test_evaluation_in_channels_last_gives_the_figures_of_contiguous_convolutions(small_config, monkeypatch):
+    """On the CPU the conv nets run channels-last (faster with oneDNN; model.MEMORY_FORMAT): the same figures, and
+    the weights stay as they are."""
     run = TrainedVAE(build_vae(small_config), small_config, {"epoch": 1})
     weight = next(m for m in run.vae.decoder.modules() if isinstance(m, nn.ConvTranspose2d)).weight  # (8, 4, 3, 3)
     fast = evaluate_run(run, k=20, limit=8, seed=3, progress=False)
     assert weight.is_contiguous() and fast["num_images"] == 8
-    monkeypatch.setitem(evaluate.MEMORY_FORMATS, "channels_last", torch.contiguous_format)
+    monkeypatch.setitem(MEMORY_FORMAT, "cpu", torch.contiguous_format)
     plain = evaluate_run(run, k=20, limit=8, seed=3, progress=False)
     for name in ("log_px", "elbo", "kl"):
         assert fast[name]["mean"] == pytest.approx(plain[name]["mean"], abs=1e-4)
