@@ -18,6 +18,7 @@ import torch
 from .checkpoint import METRICS_NAME, CheckpointError, load, run_directory
 from .data import IMAGE_SHAPE, MNIST_TEST, NUM_CLASSES, DataError, load_mnist
 from .evaluate import grid_posteriors, posterior_params
+from .likelihoods import mean_or_draw
 from .trained import lerp, slerp
 
 
@@ -365,7 +366,7 @@ def hierarchy_samples(run, hold: str = "top", n: int = 8) -> torch.Tensor:
                             config={s: LocScaleReparam(centered=0.0) for s in sites[:-1]})
     model = poutine.condition(model, data={k: v.reshape(n * n, -1) for k, v in data.items()})
     template = torch.zeros(n * n, *IMAGE_SHAPE, device=run.device)  # only its shape is used
-    return poutine.trace(model).get_trace(template).nodes["x"]["fn"].mean.reshape(n, n, *IMAGE_SHAPE)
+    return mean_or_draw(poutine.trace(model).get_trace(template).nodes["x"]["fn"]).reshape(n, n, *IMAGE_SHAPE)
 
 
 def layer_controls(run, n: int = 8):
