@@ -96,7 +96,8 @@ def extra_figures(run_dir: Path, trained, figures: dict) -> str:
     the CVAE, how often an independent classifier recognises the digit asked for in its samples;
     semi-supervised, the test accuracy of q(y | x). figures: what evaluate_run reported for the run."""
     last = read_metrics(run_dir)[-1]
-    extra = [f"test ELBO on all {figures['num_test_images']} test images {last['test_elbo']:.2f}"]
+    extra = [f"test ELBO on all {figures['num_test_images']} test images {last['test_elbo']:.2f}",
+             f"KL {figures['kl']['mean']:.2f}"]
     if figures["labels_observed"]:
         extra.append("log p(x, y) given the test labels, not log p(x)")
     if trained.config.conditional:
@@ -127,6 +128,7 @@ def run(name: str, *, full: bool, k: int, limit: int, out_root: Path, device: st
     minutes = (time.perf_counter() - started) / 60
     trained = load(run_dir, device=config.device)
     figures = evaluate_run(trained, k=k, limit=limit, device=config.device)
+    (run_dir / "evaluation.json").write_text(json.dumps(figures, indent=2) + "\n")  # every figure, beside the row's
     return _add_row(results_row(name, full, run_dir, trained, figures, minutes, commit))
 
 

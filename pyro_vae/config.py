@@ -74,6 +74,13 @@ class Config:
     studentt_df: float = _opt(3.0, "degrees of freedom of the studentt prior (fewer: heavier tails)")
     likelihood: str = _opt("bernoulli", "p(x | z), a class in likelihoods.LIKELIHOODS; each says which --binarize "
                                         "data it fits", registry="likelihood")
+    pixelcnn_channels: int = _opt(16, "with --likelihood pixelcnn: channels of its masked convolutions and of the "
+                                      "decoder's feature map of z", minimum=1)
+    pixelcnn_layers: int = _opt(3, "with --likelihood pixelcnn: residual masked convolutions after the first",
+                                minimum=0)
+    pixelcnn_kernel: int = _opt(3, "with --likelihood pixelcnn: kernel size of its masked convolutions (odd); "
+                                   "each pixel sees (layers + 1) * (kernel // 2) rows above and columns either side",
+                                minimum=3)
     guide: str = _opt("normal", "q(z | x), the posterior family: a class in guides.GUIDES; with --layers 2 or more "
                                 "the bottom-up q(z_1 | x) q(z_2 | z_1) ... (normal, iaf on z_1), or ladder: a "
                                 "bottom-up pass merged top-down with p(z_l | z_l+1) (Sonderby et al. 2016)",
@@ -140,6 +147,8 @@ class Config:
         """Every problem with the values, each naming its flag; empty when the config is usable."""
         problems = [problem for f in dataclasses.fields(self)
                     for problem in _range_errors(f, getattr(self, f.name), _flag(f.name))]
+        if self.pixelcnn_kernel % 2 == 0:
+            problems.append(f"--pixelcnn-kernel must be odd (a masked kernel has a centre), not {self.pixelcnn_kernel}")
         if self.lr == 0:
             problems.append("--lr must be positive, not 0")
         if self.beta == 0:
@@ -172,6 +181,7 @@ class Config:
         problems = []
         chosen = {kind: pieces(kind).get(getattr(self, kind)) for kind in ("prior", "likelihood", "guide")}
         fits = chosen["likelihood"].fits if chosen["likelihood"] else ()
+        problems += self._settings_errors(chosen)
         if self.binarize in ("dynamic", "threshold", "none") and fits and self.binarize not in fits:
             kind = "grey-valued" if "none" in fits else "binary"
             problems.append(f"--likelihood {self.likelihood} models {kind} pixels: use it with --binarize "
@@ -208,6 +218,18 @@ class Config:
             problems.append(f"--labels (semi-supervised) sums over unknown labels with TraceEnum_ELBO: "
                             f"use --elbo trace, not --elbo {self.elbo}")
         return problems + self._hierarchy_errors()
+
+    def _settings_errors(self, chosen: dict) -> list[str]:
+        """A field that only one piece reads (its `settings`), given while another piece is chosen."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        problems = []
+        for kind in ("prior", "likelihood", "guide"):
+            for name, piece in pieces(kind).items():
+                for setting in getattr(piece, "settings", ()):
+                    if piece is not chosen[kind] and getattr(self, setting) != defaults[setting]:
+                        problems.append(f"{_flag(setting)} is a setting of --{kind} {name}, not of --{kind} "
+                                        f"{getattr(self, kind)}")
+        return problems
 
     def _hierarchy_errors(self) -> list[str]:
         defaults = {f.name: f.default for f in dataclasses.fields(self)}

@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import pyro.distributions as dist
 import torch
+from pyro.distributions.torch_distribution import TorchDistribution
 from torch import nn
+from torch.distributions import constraints
 from torch.nn import functional as F
+
+from .data import IMAGE_SHAPE
+from .nets import PixelCNN
 
 MIN_PIXEL_SCALE = 1e-3  # floor of the normal likelihood's scale: constant background pixels would drive it to 0
 
@@ -19,11 +24,17 @@ class Likelihood(nn.Module):
     """What every likelihood declares, and how it is built from the Config; config.py asks these."""
 
     fits = ()  # the --binarize settings whose data it models (empty: any)
+    settings = ()  # Config fields that only this likelihood reads: setting one for another likelihood is refused
 
     @classmethod
     def from_config(cls, config) -> Likelihood:
         """This likelihood as config describes it."""
         return cls()
+
+    @classmethod
+    def decoder_channels(cls, config) -> int:
+        """How many maps the decoder gives this likelihood: 1 (a parameter per pixel) unless it reads features."""
+        return 1
 
 
 class Bernoulli(Likelihood):
@@ -58,8 +69,97 @@ class Normal(Likelihood):
         return dist.Normal(loc, scale).to_event(3)
 
 
+class AutoregressiveBernoulli(TorchDistribution):
+    """p(x | z) = prod_i Bernoulli(x_i | x_<i, z) over the pixels in raster order: binary images (..., 1, 28, 28).
+
+    `net(x, features)` gives every pixel's logit from the pixels before it and the decoder's feature map of z
+    (..., C, 28, 28), so log_prob is one parallel pass over x; sample() fills an image pixel by pixel.
+    """
+
+    arg_constraints = {}
+    support = constraints.independent(constraints.boolean, 3)
+
+    def __init__(self, net: PixelCNN, features: torch.Tensor, validate_args=None):
+        self.net, self.features = net, features
+        super().__init__(features.shape[:-3], torch.Size(IMAGE_SHAPE), validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(AutoregressiveBernoulli, _instance)
+        new.net = self.net
+        new.features = self.features.expand(*batch_shape, *self.features.shape[-3:])
+        super(AutoregressiveBernoulli, new).__init__(torch.Size(batch_shape), self.event_shape, validate_args=False)
+        return new
+
+    def _flat_features(self, batch_shape) -> torch.Tensor:
+        return self.features.expand(*batch_shape, *self.features.shape[-3:]).reshape(-1, *self.features.shape[-3:])
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Each pixel's logit given the pixels of x before it: (..., 1, 28, 28), one pass of the network."""
+        batch = torch.broadcast_shapes(x.shape[:-3], self.batch_shape)
+        flat_x = x.expand(*batch, *IMAGE_SHAPE).reshape(-1, *IMAGE_SHAPE)
+        return self.net(flat_x, self._flat_features(batch)).reshape(*batch, *IMAGE_SHAPE)
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(x)
+        logits = self.logits(x)
+        return -F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none").sum((-3, -2, -1))
+
+    @torch.no_grad()
+    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        """Images drawn pixel by pixel: x_i = 1 where u_i < sigmoid(logit_i given x_<i), u ~ Uniform(0, 1) per pixel.
+
+        Each pixel's logit comes from the network run on a window around it as wide as its receptive field, which
+        gives the logit of the whole image's pass (zero padding only where the window meets the image's border).
+        """
+        shape = self._extended_shape(sample_shape)
+        features = self._flat_features(shape[:-3])
+        uniforms = torch.rand(features.shape[0], *IMAGE_SHAPE, device=features.device, dtype=features.dtype)
+        x = torch.zeros_like(uniforms)
+        radius, (_, height, width) = self.net.receptive_radius, IMAGE_SHAPE
+        for i in range(height):
+            top = max(0, i - radius)
+            for j in range(width):
+                left, right = max(0, j - radius), min(width, j + radius + 1)
+                window = (..., slice(top, i + 1), slice(left, right))
+                logit = self.net(x[window], features[window])[:, 0, i - top, j - left]  # (N,)
+                x[:, 0, i, j] = (uniforms[:, 0, i, j] < torch.sigmoid(logit)).to(x.dtype)
+        return x.reshape(shape)
+
+
+class PixelCNNBernoulli(Likelihood):
+    """Bernoulli pixels, each given the pixels before it and z: a small PixelCNN on the decoder's feature map."""
+
+    fits = ("dynamic", "threshold")
+    settings = ("pixelcnn_channels", "pixelcnn_layers", "pixelcnn_kernel")
+
+    def __init__(self, channels: int, layers: int, kernel: int):
+        super().__init__()
+        self.net = PixelCNN(channels, layers, kernel)
+
+    @classmethod
+    def from_config(cls, config) -> PixelCNNBernoulli:
+        return cls(config.pixelcnn_channels, config.pixelcnn_layers, config.pixelcnn_kernel)
+
+    @classmethod
+    def decoder_channels(cls, config) -> int:
+        return config.pixelcnn_channels
+
+    def forward(self, features: torch.Tensor) -> dist.Distribution:
+        return AutoregressiveBernoulli(self.net, features)
+
+
+def mean_or_draw(d: dist.Distribution) -> torch.Tensor:
+    """The mean of p(x | z) where it has one in closed form, else one draw (the autoregressive likelihood's)."""
+    try:
+        return d.mean
+    except NotImplementedError:
+        return d.sample()
+
+
 # --likelihood NAME chooses LIKELIHOODS[NAME]
-LIKELIHOODS = {"bernoulli": Bernoulli, "continuous-bernoulli": ContinuousBernoulli, "normal": Normal}
+LIKELIHOODS = {"bernoulli": Bernoulli, "continuous-bernoulli": ContinuousBernoulli, "normal": Normal,
+               "pixelcnn": PixelCNNBernoulli}
 
 
 def make_likelihood(config) -> Likelihood:

@@ -22,7 +22,7 @@ from torch.nn import functional as F
 
 from .data import NUM_CLASSES
 from .guides import make_posterior, precision_weighted
-from .likelihoods import make_likelihood
+from .likelihoods import LIKELIHOODS, make_likelihood
 from .nets import ladder_pass, make_classifier, make_hierarchy_nets, make_nets
 from .priors import make_prior
 
@@ -148,7 +148,7 @@ class VAE(nn.Module):
 def build_vae(config, num_data: int | None = None) -> VAE:
     """The VAE that config describes, on the CPU (move it with .to(device))."""
     cond_dim = NUM_CLASSES if config.conditional else 0
-    encoder, decoder = make_nets(config, cond_dim)
+    encoder, decoder = make_nets(config, cond_dim, LIKELIHOODS[config.likelihood].decoder_channels(config))
     semi_supervised = config.conditional and config.labels > 0
     classifier = make_classifier(config, NUM_CLASSES) if semi_supervised else None
     top_down, bottom_up = make_hierarchy_nets(config)

@@ -80,21 +80,24 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """z (..., latent_dim) -> per-pixel parameters (..., 1, 28, 28), e.g. Bernoulli logits."""
+    """z (..., latent_dim) -> per-pixel parameters (..., C, 28, 28): Bernoulli logits (C = 1), or the feature map
+    an autoregressive likelihood conditions on (C = its channels)."""
 
-    def __init__(self, body: nn.Module, latent_dim: int, cond_dim: int = 0):
+    def __init__(self, body: nn.Module, latent_dim: int, cond_dim: int = 0, out_channels: int = 1):
         super().__init__()
         self.latent_dim, self.cond_dim = latent_dim, cond_dim
+        self.out_shape = (out_channels, *IMAGE_SHAPE[1:])
         self.body = body
 
     def forward(self, z: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
         h = _cat(z, c)
-        return self.body(h.reshape(-1, h.shape[-1])).reshape(*h.shape[:-1], *IMAGE_SHAPE)
+        return self.body(h.reshape(-1, h.shape[-1])).reshape(*h.shape[:-1], *self.out_shape)
 
 
-def conv_nets(latent_dim: int, channels=(32, 64), cond_dim: int = 0, cond_at_input: bool = False
-              ) -> tuple[Encoder, Decoder]:
-    """The conv VAE of the TensorFlow and Keras tutorials: Conv 32, 64 (stride 2); ConvTranspose 64, 32, 1."""
+def conv_nets(latent_dim: int, channels=(32, 64), cond_dim: int = 0, cond_at_input: bool = False,
+              out_channels: int = 1) -> tuple[Encoder, Decoder]:
+    """The conv VAE of the TensorFlow and Keras tutorials: Conv 32, 64 (stride 2); ConvTranspose 64, 32, 1
+    (out_channels in place of the 1 for a likelihood that reads a feature map)."""
     c1, c2 = channels
     features = nn.Sequential(
         nn.Conv2d(1, c1, 3, stride=2, padding=1), nn.ReLU(),  # (B, c1, 14, 14)
@@ -106,18 +109,20 @@ def conv_nets(latent_dim: int, channels=(32, 64), cond_dim: int = 0, cond_at_inp
         nn.Unflatten(1, (c1, 7, 7)),
         nn.ConvTranspose2d(c1, c2, 3, stride=2, padding=1, output_padding=1), nn.ReLU(),  # (B, c2, 14, 14)
         nn.ConvTranspose2d(c2, c1, 3, stride=2, padding=1, output_padding=1), nn.ReLU(),  # (B, c1, 28, 28)
-        nn.ConvTranspose2d(c1, 1, 3, stride=1, padding=1),  # (B, 1, 28, 28)
+        nn.ConvTranspose2d(c1, out_channels, 3, stride=1, padding=1),  # (B, out_channels, 28, 28)
     )
-    return Encoder(features, c2 * 7 * 7, latent_dim, cond_dim, cond_at_input), Decoder(body, latent_dim, cond_dim)
+    return (Encoder(features, c2 * 7 * 7, latent_dim, cond_dim, cond_at_input),
+            Decoder(body, latent_dim, cond_dim, out_channels))
 
 
-def mlp_nets(latent_dim: int, hidden_dim: int = 400, cond_dim: int = 0, cond_at_input: bool = False
-             ) -> tuple[Encoder, Decoder]:
+def mlp_nets(latent_dim: int, hidden_dim: int = 400, cond_dim: int = 0, cond_at_input: bool = False,
+             out_channels: int = 1) -> tuple[Encoder, Decoder]:
     """The fully connected VAE of Pyro's tutorial: 784-hidden-z and back."""
     features = nn.Sequential(nn.Flatten(), nn.Linear(PIXELS, hidden_dim), nn.Softplus())
     body = nn.Sequential(nn.Linear(latent_dim + cond_dim, hidden_dim), nn.Softplus(),
-                         nn.Linear(hidden_dim, PIXELS))
-    return Encoder(features, hidden_dim, latent_dim, cond_dim, cond_at_input), Decoder(body, latent_dim, cond_dim)
+                         nn.Linear(hidden_dim, out_channels * PIXELS))
+    return (Encoder(features, hidden_dim, latent_dim, cond_dim, cond_at_input),
+            Decoder(body, latent_dim, cond_dim, out_channels))
 
 
 class Classifier(nn.Module):
@@ -149,13 +154,13 @@ def glorot_(module: nn.Module) -> nn.Module:
     return module
 
 
-def make_nets(config, cond_dim: int = 0) -> tuple[Encoder, Decoder]:
-    """Encoder and decoder for config.arch, initialised as config.init says."""
+def make_nets(config, cond_dim: int = 0, out_channels: int = 1) -> tuple[Encoder, Decoder]:
+    """Encoder and decoder for config.arch, initialised as config.init says; the decoder gives out_channels maps."""
     at_input = config.label_at == "input"
     if config.arch == "mlp":
-        nets = mlp_nets(config.latent_dim, config.hidden_dim, cond_dim, at_input)
+        nets = mlp_nets(config.latent_dim, config.hidden_dim, cond_dim, at_input, out_channels)
     else:
-        nets = conv_nets(config.latent_dim, tuple(config.conv_channels), cond_dim, at_input)
+        nets = conv_nets(config.latent_dim, tuple(config.conv_channels), cond_dim, at_input, out_channels)
     if config.init == "glorot":
         nets = tuple(glorot_(net) for net in nets)
     return nets
@@ -201,3 +206,45 @@ def make_hierarchy_nets(config) -> tuple[nn.ModuleList, nn.ModuleList]:
     if config.init == "glorot":
         top_down, bottom_up = glorot_(top_down), glorot_(bottom_up)
     return top_down, bottom_up
+
+
+class MaskedConv2d(nn.Conv2d):
+    """A convolution that sees only the pixels before its centre in raster order (PixelCNN, van den Oord et al. 2016):
+    the rows above, and the pixels to the left in its own row; with `include_centre` also the centre itself."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel: int, include_centre: bool):
+        super().__init__(in_channels, out_channels, kernel, padding=kernel // 2)
+        mask = torch.zeros(kernel, kernel)
+        mask[:kernel // 2] = 1  # the rows above the centre
+        mask[kernel // 2, :kernel // 2 + include_centre] = 1  # the centre row up to (or up to and with) the centre
+        self.register_buffer("mask", mask, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight * self.mask, self.bias, padding=self.padding)
+
+
+class PixelCNN(nn.Module):
+    """Logits of each pixel given the pixels before it and a feature map of z: (N, 1, 28, 28), (N, C, 28, 28) ->
+    (N, 1, 28, 28).
+
+    A masked convolution that leaves out the centre reads x, then `layers` residual masked convolutions that
+    include it; the feature map enters every layer through a 1x1 convolution. Pixel (i, j) sees the pixels of x
+    up to `receptive_radius` rows above and columns either side of it, before it in raster order, and nothing else:
+    a small window leaves the image's global shape to z (Chen et al. 2017, the Variational Lossy Autoencoder).
+    """
+
+    def __init__(self, channels: int, layers: int, kernel: int):
+        super().__init__()
+        self.first = MaskedConv2d(1, channels, kernel, include_centre=False)
+        self.layers = nn.ModuleList(MaskedConv2d(channels, channels, kernel, include_centre=True)
+                                    for _ in range(layers))
+        self.condition = nn.Conv2d(channels, channels * (layers + 1), 1)  # the feature map's term in every layer
+        self.out = nn.Conv2d(channels, 1, 1)
+        self.receptive_radius = (layers + 1) * (kernel // 2)
+
+    def forward(self, x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        terms = self.condition(features).chunk(len(self.layers) + 1, dim=1)
+        h = F.relu(self.first(x) + terms[0])
+        for layer, term in zip(self.layers, terms[1:]):
+            h = h + F.relu(layer(h) + term)
+        return self.out(h)

@@ -18,6 +18,7 @@ import torch
 from .checkpoint import METRICS_NAME, CheckpointError, load, run_directory
 from .data import IMAGE_SHAPE, MNIST_TEST, NUM_CLASSES, DataError, load_mnist
 from .evaluate import grid_posteriors, posterior_params
+from .likelihoods import mean_or_draw
 from .trained import lerp, slerp
 
 
@@ -365,7 +366,27 @@ def hierarchy_samples(run, hold: str = "top", n: int = 8) -> torch.Tensor:
                             config={s: LocScaleReparam(centered=0.0) for s in sites[:-1]})
     model = poutine.condition(model, data={k: v.reshape(n * n, -1) for k, v in data.items()})
     template = torch.zeros(n * n, *IMAGE_SHAPE, device=run.device)  # only its shape is used
-    return poutine.trace(model).get_trace(template).nodes["x"]["fn"].mean.reshape(n, n, *IMAGE_SHAPE)
+    return mean_or_draw(poutine.trace(model).get_trace(template).nodes["x"]["fn"]).reshape(n, n, *IMAGE_SHAPE)
+
+
+@torch.no_grad()
+def draws_given_z(run, n: int = 8, draws: int = 8) -> torch.Tensor:
+    """Images (n, draws, 1, 28, 28): row r holds draws of x ~ p(x | z_r) for one z_r ~ p(z) (of an unconditional run).
+
+    What z carries is what the draws of a row share: with independent Bernoulli pixels only the pixel
+    probabilities, with the autoregressive likelihood whole strokes, where each draw fills in its own details.
+    """
+    from pyro import poutine
+
+    template = torch.zeros(n, *IMAGE_SHAPE, device=run.device)  # only its shape is used
+    likelihood = poutine.trace(poutine.uncondition(run.vae.model)).get_trace(template).nodes["x"]["fn"]
+    return likelihood.sample((draws,)).transpose(0, 1)
+
+
+def what_z_carries(run, n: int = 8, draws: int = 8):
+    """The picture of `draws_given_z`: one z per row, several draws of x given it."""
+    return image_table(draws_given_z(run, n, draws), rows=[f"z{r + 1}" for r in range(n)],
+                       title="each row: one z ~ p(z), then draws x ~ p(x | z)")
 
 
 def layer_controls(run, n: int = 8):
@@ -378,7 +399,7 @@ def layer_controls(run, n: int = 8):
 
 EVERY_RUN = ("training_curves.png", "samples.gif", "latent_scatter.png")
 HIERARCHICAL = ("layers.png",)
-UNCONDITIONAL = ("manifold.png", "interpolation.png")
+UNCONDITIONAL = ("manifold.png", "interpolation.png", "draws_given_z.png")
 CONDITIONAL = ("digit_rows.png", "styles_from_prior.png", "styles_from_digits.png")
 PICTURES = EVERY_RUN + UNCONDITIONAL
 CONDITIONAL_PICTURES = EVERY_RUN + CONDITIONAL
@@ -459,6 +480,7 @@ def plot_run(run_dir: Path, out: Path | None = None, *, axes: tuple[int, int] | 
     a, b = pair
     saved.append(_save(interpolation(run, data.test_images[a], data.test_images[b], y_a=data.test_labels[a],
                                      y_b=data.test_labels[b]), out / "interpolation.png"))
+    saved.append(_save(what_z_carries(run), out / "draws_given_z.png"))
     return saved
 
 
@@ -474,7 +496,8 @@ def main(argv=None, prog: str = "python -m pyro_vae.plot") -> int:
     parser = argparse.ArgumentParser(
         prog=prog, description="Save the pictures of a trained run into RUN/plots/.",
         epilog=f"Pictures of every run: {', '.join(EVERY_RUN)}; of an unconditional run also "
-               f"{', '.join(UNCONDITIONAL)}; of a label-conditioned run (--conditional) instead "
+               f"{', '.join(UNCONDITIONAL)} (draws of x given one z per row: what z carries); of a "
+               "label-conditioned run (--conditional) instead "
                f"{', '.join(CONDITIONAL)}: samples with one row per digit, and styles (drawn from the prior, "
                "or of test digits) each written as every digit 0-9. A hierarchical run (--layers 2+) also has "
                f"{', '.join(HIERARCHICAL)}: samples with the top layer held along each row, then the layers below.",

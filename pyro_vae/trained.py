@@ -10,6 +10,7 @@ from pyro import poutine
 
 from .config import Config
 from .data import IMAGE_SHAPE, NUM_CLASSES
+from .likelihoods import mean_or_draw
 from .model import VAE
 
 
@@ -40,10 +41,10 @@ class TrainedVAE:
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor, y=None) -> torch.Tensor:
-        """Mean of p(x | z) (p(x | z, y) for the CVAE): images (..., 1, 28, 28)."""
+        """Mean of p(x | z) (p(x | z, y) for the CVAE), or a draw where it has none: images (..., 1, 28, 28)."""
         z = self._to(z)
         y = self._labels(y, z.shape[0] if z.ndim > 1 else None)
-        return self.vae.likelihood(self.vae.decoder(z, self.vae._one_hot(y))).mean
+        return mean_or_draw(self.vae.likelihood(self.vae.decoder(z, self.vae._one_hot(y))))
 
     @property
     def labels_observed(self) -> bool:
@@ -59,14 +60,15 @@ class TrainedVAE:
 
     @torch.no_grad()
     def sample(self, n: int, y=None) -> torch.Tensor:
-        """n images from the generative model: z from the prior (given digit y, for the CVAE), then E[x | z]."""
+        """n images from the generative model: z from the prior (given digit y, for the CVAE), then E[x | z] (a draw
+        of x where p(x | z) has no mean in closed form)."""
         template = torch.zeros(n, *IMAGE_SHAPE, device=self.device)  # only its shape is used
         y = self._labels(y, n)
         model = poutine.uncondition(self.vae.model)  # x (and y) are drawn, not observed ...
         if y is not None:
             model = poutine.condition(model, data={"y": y})  # ... except the digit asked for
         trace = poutine.trace(model).get_trace(template)
-        return trace.nodes["x"]["fn"].mean
+        return mean_or_draw(trace.nodes["x"]["fn"])
 
     def sample_grid(self, per_row: int = 8) -> torch.Tensor:
         """Samples for the per-epoch picture: 8 x 8, or for the CVAE one row per digit 0-9."""

@@ -29,7 +29,7 @@ def _returned_files(out: Path) -> list[Path]:
     return files
 
 
-@pytest.mark.parametrize("name", ["conv32", "best", "semi_supervised", "semi_supervised_conv"])
+@pytest.mark.parametrize("name", ["conv32", "best", "pixelcnn_gpu", "semi_supervised", "semi_supervised_conv"])
 @pytest.mark.parametrize("tiny", [False, True])
 def test_the_trainer_flags_give_back_each_experiments_config(campaign, name, tiny, tmp_path):
     """A run starts as `python -m pyro_vae.train FLAGS`: the flags must parse to exactly the experiment's config."""

@@ -27,6 +27,7 @@ VARIANTS = {
     "prior flow": {"prior": "flow"},
     "likelihood continuous-bernoulli": {"likelihood": "continuous-bernoulli", "binarize": "none"},
     "likelihood normal": {"likelihood": "normal", "binarize": "none"},
+    "likelihood pixelcnn": {"likelihood": "pixelcnn", "pixelcnn_channels": 4, "pixelcnn_layers": 1},
     "guide iaf": {"guide": "iaf"},
     "guide delta": {"guide": "delta"},
     "elbo meanfield": {"elbo": "meanfield"},
@@ -175,6 +176,10 @@ def test_semi_supervised_epoch_mixes_labelled_and_unlabelled_batches(datasets, d
     (["--conditional", "--labels", "100", "--elbo", "iwae", "--num-particles", "3"], "TraceEnum_ELBO"),
     (["--prior", "flow", "--latent-dim", "1"], "--prior flow needs --latent-dim 2 or more"),
     (["--guide", "iaf", "--latent-dim", "1"], "--guide iaf needs --latent-dim 2 or more"),
+    (["--likelihood", "pixelcnn", "--binarize", "none"], "--likelihood pixelcnn models binary pixels"),
+    (["--pixelcnn-layers", "2"], "--pixelcnn-layers is a setting of --likelihood pixelcnn, not of --likelihood "
+                                 "bernoulli"),
+    (["--likelihood", "pixelcnn", "--pixelcnn-kernel", "4"], "--pixelcnn-kernel must be odd"),
 ])
 def test_nonsense_combinations_are_refused_with_a_reason(flags, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
