@@ -102,8 +102,7 @@ class AutoregressiveBernoulli(TorchDistribution):
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
             self._validate_sample(x)
-        logits = self.logits(x)
-        return -F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none").sum((-3, -2, -1))
+        return dist.Bernoulli(logits=self.logits(x)).to_event(3).log_prob(x)  # each pixel given the ones before
 
     @torch.no_grad()
     def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
