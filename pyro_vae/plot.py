@@ -489,10 +489,7 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def main(argv=None, prog: str = "python -m pyro_vae.plot") -> int:
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; harmless where pyplot is never used
+def build_parser(prog: str = "python -m pyro_vae.plot") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog, description="Save the pictures of a trained run into RUN/plots/.",
         epilog=f"Pictures of every run: {', '.join(EVERY_RUN)}; of an unconditional run also "
@@ -514,6 +511,14 @@ def main(argv=None, prog: str = "python -m pyro_vae.plot") -> int:
                              "digit (default: the first of each digit)")
     parser.add_argument("--device", default="cpu", help="torch device")
     parser.add_argument("--data-dir", default=None, help="where MNIST is unpacked (default: the run's --data-dir)")
+    return parser
+
+
+def main(argv=None, prog: str = "python -m pyro_vae.plot") -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; harmless where pyplot is never used
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     try:
         run = load(args.run)
