@@ -21,10 +21,10 @@ from pyro_vae.checkpoint import CheckpointError
 from pyro_vae.data import DataError
 
 
-def time_codec(trained, path: str, images: np.ndarray, labels, k: int) -> dict:
+def time_codec(trained, path: str, images: np.ndarray, labels, k: int, widen: float | None = None) -> dict:
     """One encode and one decode with k samples: seconds of each, the file's and the bound's bits per image."""
     started = time.perf_counter()
-    data, bound = compress._encode(trained, path, images, labels, k, compress.PRECISION, compress.MAX_BATCH, False)
+    data, bound = compress._encode(trained, path, images, labels, k=k, widen=widen, progress=False)
     encoded = time.perf_counter()
     restored, restored_labels = compress.decode(trained, data, labels=True, progress=False)
     decoded = time.perf_counter()
@@ -34,7 +34,8 @@ def time_codec(trained, path: str, images: np.ndarray, labels, k: int) -> dict:
             "bound_bits": float(bound.mean())}
 
 
-def compare(run: str, ks: list[int], limit: int, repeats: int, data_dir: str | None = None) -> dict:
+def compare(run: str, ks: list[int], limit: int, repeats: int, data_dir: str | None = None,
+            widen: float | None = None) -> dict:
     """Each K in turn, `repeats` rounds; per K the medians, spreads and ratios to the first K's times."""
     trained, path = compress._load(run, max(ks))
     images, labels = compress.binarized_test_split(trained, limit, data_dir)
@@ -42,7 +43,7 @@ def compare(run: str, ks: list[int], limit: int, repeats: int, data_dir: str | N
     times = {k: [] for k in ks}
     for _ in range(repeats):
         for k in ks:
-            times[k].append(time_codec(trained, path, images, labels, k))
+            times[k].append(time_codec(trained, path, images, labels, k, widen if k > 1 else None))
     rows = {}
     for k, runs in times.items():
         row = {name: statistics.median(r[name] for r in runs) for name in runs[0]}
@@ -61,11 +62,12 @@ def main(argv=None) -> int:
     parser.add_argument("--k", type=int, nargs="+", default=[1, 4, 8, 16, 32])
     parser.add_argument("--limit", type=int, default=1000, help="test images (0: all 10,000)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--widen", type=float, default=None, help="the proposal's widening for K > 1 (default: the codec's)")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--json", default=None, help="also write the figures here")
     args = parser.parse_args(argv)
     try:
-        result = compare(args.run, args.k, args.limit, args.repeats, args.data_dir)
+        result = compare(args.run, args.k, args.limit, args.repeats, args.data_dir, args.widen)
     except (compress.CompressError, CheckpointError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -59,7 +59,15 @@ VERSION = 2  # 1: the ELBO codec of one layer (2026-11-28); 2: K samples, layers
 # images: the file's excess over -ELBO is 0.2 bits an image at 12, 0.4 at 14, 1.5 at 16)
 PRECISION = 12
 FINE_BITS = 24  # the integer CDFs' total is 2^24: a uniform of 24 bits picks a bin and a place inside it
-DEFAULT_K = 1  # importance samples for a one-layer run; a hierarchy codes at its ELBO (K = 1)
+# importance samples for a one-layer run (a hierarchy codes at its ELBO, K = 1): the most whose encoding and decoding of
+# the 10,000 test images stays within 10 minutes on this project's 2-core CPU, one thread (conv32: 245 + 217 s
+# whole commands, 0.1679 bits per pixel against 0.1780 at K = 1; each doubling of K gains about 0.0006 and doubles
+# the time: docs/compression.md)
+DEFAULT_K = 32
+# with K > 1 the draws come from q(z | x) with its deviations this much wider: an ELBO-trained q is narrower than the
+# posterior, and importance weights from a narrow proposal are heavy-tailed (measured on conv32, K = 24, 300 images:
+# 1.1 codes 0.59 bits an image below 1.0, 1.2 0.78, 1.3 0.61)
+DEFAULT_WIDEN = 1.2
 MAX_K = 1024
 MAX_BATCH = 100  # images per batch once the stack holds enough bits
 LARGEST_BATCH = 10_000  # the most a file may ask for (memory: see _working_bytes)
@@ -70,9 +78,9 @@ SEED_TAG = b"pyro_vae bits-back initial bits"  # the pseudo-random words that se
 SHIFT_TAG = b"pyro_vae bits-back coupling"  # the K draws' shifts come from this
 ASSUMED_BITS_PER_IMAGE = 64  # a floor on -ELBO in bits on MNIST (real models: 115 or more), for the batch ramp
 PIXELS = math.prod(IMAGE_SHAPE)
-_HEADER = struct.Struct("<6sBBHBBIIII32s32sHH")  # magic, version, precision, K, layers, labelled, images, max
+_HEADER = struct.Struct("<6sBBHBBIIII32s32sHHe")  # magic, version, precision, K, layers, labelled, images, max
 #                              batch, seed and data words, weights' and images' SHA-256, lengths of the run's path and
-#                              of the marginals (float16 values); then the path and the marginals
+#                              of the marginals (float16 values), the proposal's widening; then the path, the marginals
 _PHI_RANGE = 8  # the normal CDF is 0 below -8 and 1 above 8 at 2^-32
 _PHI_STEP_BITS = 10  # the CDF's table has a point every 2^-10, interpolated linearly between them: a bin in
 #                     the tails (2^-8 wide at 3 sd) gets the mass of a chord, 0.2% off at most
@@ -202,6 +210,10 @@ class _Bins:
             k = np.where(self.cdf(trial) <= u, trial, k)
         return k
 
+    def widened(self, factor: float) -> _Bins:
+        """The same Gaussians with their deviations `factor` times wider."""
+        return _Bins(self.grid, self.loc, self.scale * factor, self.shape)
+
     def log_prob(self, k: np.ndarray) -> np.ndarray:
         """log of each vector of bins' probability, in nats: summed over the last dimension."""
         return (np.log(self.cdf(k + 1) - self.cdf(k)) - FINE_BITS * math.log(2)).sum(-1)
@@ -223,17 +235,31 @@ def _models():
     return constriction.stream.model
 
 
-def _pop_fine(coder, shape: tuple) -> np.ndarray:
-    """Uniforms of 24 bits, (shape), each popped as two 12-bit halves."""
-    half, n = _models().Uniform(1 << (FINE_BITS // 2)), math.prod(shape)
-    high, low = coder.decode(half, n).astype(np.int64), coder.decode(half, n).astype(np.int64)
-    return ((high << (FINE_BITS // 2)) | low).reshape(shape)
+# A 24-bit uniform goes on the stack as two 12-bit halves, in one of two orders. A symbol coded with p (pushed, or
+# popped back by the decoder) puts its low half on top; a draw from q (popped, or given back by the decoder) takes
+# its high half, which picks the bin, from the top. So the bin of the next draw comes from the low half of the last
+# symbol pushed, the place inside its bin popped from the coded x: random bits. The other way round the draw's bin
+# would copy the bin of the symbol pushed last, and each image's draw would be the quantiles of the one before, as
+# dependent across the latent dimensions as the images' posteriors are (measured on conv32, 2000 images: 1.7 bits
+# an image above the -ELBO, against 0.3 with fresh uniforms).
+_HALF = FINE_BITS // 2
 
 
-def _push_fine(coder, u: np.ndarray) -> None:
-    half, u = _models().Uniform(1 << (FINE_BITS // 2)), u.ravel()
-    coder.encode_reverse((u & ((1 << (FINE_BITS // 2)) - 1)).astype(np.int32), half)
-    coder.encode_reverse((u >> (FINE_BITS // 2)).astype(np.int32), half)
+def _pop_fine(coder, shape: tuple, draw: bool) -> np.ndarray:
+    """Uniforms of 24 bits (shape): a draw's (draw=True, high half first) or a coded symbol's (low half first)."""
+    half, n = _models().Uniform(1 << _HALF), math.prod(shape)
+    first, second = coder.decode(half, n).astype(np.int64), coder.decode(half, n).astype(np.int64)
+    high, low = (first, second) if draw else (second, first)
+    return ((high << _HALF) | low).reshape(shape)
+
+
+def _push_fine(coder, u: np.ndarray, draw: bool) -> None:
+    """The inverse of _pop_fine."""
+    half, u = _models().Uniform(1 << _HALF), u.ravel()
+    high, low = (u >> _HALF).astype(np.int32), (u & ((1 << _HALF) - 1)).astype(np.int32)
+    second, first = (low, high) if draw else (high, low)
+    coder.encode_reverse(second, half)
+    coder.encode_reverse(first, half)
 
 
 def _push_uniform(coder, r: np.ndarray, sizes: np.ndarray) -> None:
@@ -248,23 +274,23 @@ def _pop_uniform(coder, sizes: np.ndarray) -> np.ndarray:
     return r.reshape(sizes.shape)
 
 
-def _pop_bins(coder, bins: _Bins) -> np.ndarray:
-    """Bins drawn from the stack with their probabilities: a draw z ~ q taking bits back, or decoding a pushed z.
+def _pop_bins(coder, bins: _Bins, draw: bool) -> np.ndarray:
+    """Bins popped with their probabilities: a draw z ~ q taking bits back (draw=True), or decoding a pushed z.
 
     A 24-bit uniform u picks the bin k with C(k) <= u < C(k + 1); its place u - C(k) inside the bin goes back on
     the stack, so the net cost is -log2 of the bin's probability.
     """
-    u = _pop_fine(coder, bins.shape)
+    u = _pop_fine(coder, bins.shape, draw)
     k = bins.find(u)
     low = bins.cdf(k)
     _push_uniform(coder, u - low, bins.cdf(k + 1) - low)
     return k
 
 
-def _push_bins(coder, k: np.ndarray, bins: _Bins) -> None:
-    """Push bins k with their probabilities: the inverse of _pop_bins (coding z, or giving back a draw's bits)."""
+def _push_bins(coder, k: np.ndarray, bins: _Bins, draw: bool) -> None:
+    """Push bins k with their probabilities: coding z, or giving back a draw's bits (draw=True); undoes _pop_bins."""
     low = bins.cdf(k)
-    _push_fine(coder, low + _pop_uniform(coder, bins.cdf(k + 1) - low))
+    _push_fine(coder, low + _pop_uniform(coder, bins.cdf(k + 1) - low), draw)
 
 
 def _pixel_probabilities(likelihood: dist.Distribution, batch: int) -> np.ndarray:
@@ -364,8 +390,8 @@ def _grids(trained: TrainedVAE, precision: int, moments: tuple[float, ...]) -> d
 class _BitsBack:
     """Codes batches of images (and labels) on one ANS stack: encode_batch, and decode_batch in reverse."""
 
-    def __init__(self, trained: TrainedVAE, coder, grids: dict, k: int):
-        self.program, self.coder, self.k = _Program(trained, grids), coder, k
+    def __init__(self, trained: TrainedVAE, coder, grids: dict, k: int, widen: float = 1.0):
+        self.program, self.coder, self.k, self.widen = _Program(trained, grids), coder, k, widen
         self.labelled = trained.vae.conditional
 
     def encode_batch(self, images: np.ndarray, labels: np.ndarray | None) -> np.ndarray:
@@ -376,9 +402,9 @@ class _BitsBack:
         q = program.bins("guide", "z", x, y, {})
         values = {}
         if self.k > 1:
-            values["z"], bound = self._draw_importance(q, x, y)
+            values["z"], bound = self._draw_importance(q.widened(self.widen), x, y)
         else:
-            values["z"] = _pop_bins(coder, q)
+            values["z"] = _pop_bins(coder, q, draw=True)
             bound = q.log_prob(values["z"])
         likelihood = program.site("model", "x", x, y, values)
         _push_pixels(coder, images, likelihood)
@@ -386,12 +412,12 @@ class _BitsBack:
             bound = bound - likelihood.log_prob(x).double().numpy()
         for below, site in zip(sites, sites[1:]):  # Bit-Swap: draw z_l+1 with what z_l and x pushed, then push z_l
             q = program.bins("guide", site, x, y, values)
-            values[site] = _pop_bins(coder, q)
+            values[site] = _pop_bins(coder, q, draw=True)
             p = program.bins("model", below, x, y, values)
-            _push_bins(coder, values[below], p)
+            _push_bins(coder, values[below], p, draw=False)
             bound += q.log_prob(values[site]) - p.log_prob(values[below])
         top = program.bins("model", sites[-1], x, y, values)
-        _push_bins(coder, values[sites[-1]], top)
+        _push_bins(coder, values[sites[-1]], top, draw=False)
         if self.k == 1:
             bound = bound - top.log_prob(values[sites[-1]])
         if self.labelled:
@@ -410,26 +436,26 @@ class _BitsBack:
             probabilities = _label_probabilities(program.site("model", "y", blank, None, {}), size)
             labels = coder.decode(_models().Categorical(perfect=False), probabilities).astype(np.int64)
             y = torch.from_numpy(labels)
-        values = {sites[-1]: _pop_bins(coder, program.bins("model", sites[-1], blank, y, {}))}
+        values = {sites[-1]: _pop_bins(coder, program.bins("model", sites[-1], blank, y, {}), draw=False)}
         for below, site in reversed(list(zip(sites, sites[1:]))):
-            values[below] = _pop_bins(coder, program.bins("model", below, blank, y, values))
-            _push_bins(coder, values[site], program.bins("guide", site, blank, y, values))
+            values[below] = _pop_bins(coder, program.bins("model", below, blank, y, values), draw=False)
+            _push_bins(coder, values[site], program.bins("guide", site, blank, y, values), draw=True)
         images = _pop_pixels(coder, program.site("model", "x", blank, y, {"z": values["z"]}), size)
         x = torch.from_numpy(images).float().reshape(-1, *IMAGE_SHAPE)
         q = program.bins("guide", "z", x, y, {})
         if self.k > 1:
-            self._undraw_importance(values["z"], q, x, y)
+            self._undraw_importance(values["z"], q.widened(self.widen), x, y)
         else:
-            _push_bins(coder, values["z"], q)
+            _push_bins(coder, values["z"], q, draw=True)
         return images, labels
 
     # BB-IS with coupled draws (Ruan et al. 2021): one uniform u per latent dimension; draw k is the bin of
-    # u + shift_k (mod 2^24), each marginally q. Pop u, pop j ~ w_j / sum_k w_k, push u_j's place in its bin and j
-    # uniformly; the caller then pushes x and z_j as for one draw. Net: -log (1/K sum_k w_k).
+    # u + shift_k (mod 2^24), each marginally the proposal q (widened). Pop u, pop j ~ w_j / sum_k w_k, push u_j's
+    # place in its bin and j uniformly; the caller then pushes x and z_j as for one draw. Net: -log (1/K sum_k w_k).
 
     def _draw_importance(self, q: _Bins, x: torch.Tensor, y: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray]:
         coder, rows = self.coder, np.arange(len(x))
-        u = _pop_fine(coder, q.shape)
+        u = _pop_fine(coder, q.shape, draw=True)
         draws, log_w = self._weights(u, q, x, y)
         j = coder.decode(_models().Categorical(perfect=False), _softmax(log_w)).astype(np.int64)
         z, u_j = draws[j, rows], (u + _shifts(self.k, q.shape[-1])[j]) & ((1 << FINE_BITS) - 1)
@@ -449,7 +475,7 @@ class _BitsBack:
         if not np.array_equal(draws[j, rows], z):
             raise CompressError("damaged: the coded words do not decode (a draw does not come back)")
         coder.encode_reverse(j.astype(np.int32), _models().Categorical(perfect=False), _softmax(log_w))
-        _push_fine(coder, u)
+        _push_fine(coder, u, draw=True)
 
     def _weights(self, u: np.ndarray, q: _Bins, x: torch.Tensor, y: torch.Tensor | None
                  ) -> tuple[np.ndarray, np.ndarray]:
@@ -501,12 +527,13 @@ class Header:
     layers: int = 1  # stochastic layers of the run
     labelled: bool = False  # the labels are coded too
     marginals: tuple = ()  # mean and deviation of each latent dimension (float16): its bins' frame (see marginals)
+    widen: float = 1.0  # the importance proposal's deviations over q's (float16)
 
     def pack(self) -> bytes:
         run = self.run.encode()
         return _HEADER.pack(MAGIC, VERSION, self.precision, self.k, self.layers, self.labelled, self.num_images,
                             self.max_batch, self.seed_words, self.data_words, self.weights_sha256,
-                            self.images_sha256, len(run), len(self.marginals)) + run + \
+                            self.images_sha256, len(run), len(self.marginals), self.widen) + run + \
             np.array(self.marginals, dtype="<f2").tobytes()
 
     @property
@@ -528,7 +555,7 @@ def read_header(data: bytes) -> Header:
     if len(data) < _HEADER.size:
         raise CompressError(f"truncated: {len(data)} bytes, shorter than the header")
     (_, _, precision, k, layers, labelled, n, max_batch, seed_words, data_words, weights, images, run_len,
-     count) = _HEADER.unpack_from(data)
+     count, widen) = _HEADER.unpack_from(data)
     if len(data) < _HEADER.size + run_len + 2 * count:
         raise CompressError(f"truncated: {len(data)} bytes, shorter than the header")
     try:
@@ -537,12 +564,13 @@ def read_header(data: bytes) -> Header:
         raise CompressError("damaged header: the run's path is not text") from None
     moments = np.frombuffer(data, dtype="<f2", count=count, offset=_HEADER.size + run_len)
     header = Header(run, weights, images, n, precision, max_batch, seed_words, data_words, k, layers, bool(labelled),
-                    tuple(float(v) for v in moments))
+                    tuple(float(v) for v in moments), widen)
     expected = header.size + 4 * data_words
     if len(data) < expected:
         raise CompressError(f"truncated: {len(data)} bytes, the header announces {expected}")
     if len(data) > expected or not (1 <= precision <= 20) or not 1 <= max_batch <= LARGEST_BATCH or n < 1 \
-            or not 1 <= k <= MAX_K or layers < 1 or labelled > 1 or not np.all(np.isfinite(moments)):
+            or not 1 <= k <= MAX_K or layers < 1 or labelled > 1 or not np.all(np.isfinite(moments)) \
+            or not 0.5 <= widen <= 4:
         raise CompressError(f"damaged: {len(data)} bytes where the header announces {expected}, "
                             f"or settings out of range")
     if n > 32 * data_words:
@@ -681,22 +709,18 @@ def _bar(total: int, desc: str, progress: bool | None) -> tqdm:
     return tqdm(total=total, desc=desc, unit="img", disable=None if progress is None else not progress)
 
 
-def encode(run, images, labels=None, *, k: int | None = None, precision: int = PRECISION,
-           max_batch: int = MAX_BATCH, progress: bool | None = None) -> bytes:
+def encode(run, images, labels=None, *, k: int | None = None, widen: float | None = None,
+           precision: int = PRECISION, max_batch: int = MAX_BATCH, progress: bool | None = None) -> bytes:
     """Compress binary images (N, 28, 28) losslessly with a run (a path or a loaded run): the file's bytes.
 
-    A label-conditioned run codes the labels (N,) too. k: importance samples per image (default: default_k).
+    A label-conditioned run codes the labels (N,) too. k: importance samples per image (default: default_k);
+    widen: their proposal's deviations over q's (default: DEFAULT_WIDEN with k > 1).
     """
     images = check_images(images)
-    if not 1 <= precision <= 20:
-        raise CompressError(f"precision must be 1 to 20 bits, not {precision}")
-    if not 1 <= max_batch <= LARGEST_BATCH:
-        raise CompressError(f"max_batch must be 1 to {LARGEST_BATCH}, not {max_batch}")
-    if k is not None and not 1 <= k <= MAX_K:
-        raise CompressError(f"k must be 1 to {MAX_K}, not {k}")
     trained, path = _load(run, k)
     labels = _labels_for(trained, labels, len(images))
-    return _encode(trained, path, images, labels, k, precision, max_batch, progress)[0]
+    return _encode(trained, path, images, labels, k=k, widen=widen, precision=precision, max_batch=max_batch,
+                   progress=progress)[0]
 
 
 def _labels_for(trained: TrainedVAE, labels, num_images: int) -> np.ndarray | None:
@@ -707,18 +731,40 @@ def _labels_for(trained: TrainedVAE, labels, num_images: int) -> np.ndarray | No
     return None if labels is None else check_labels(labels, num_images)
 
 
-def _encode(trained: TrainedVAE, path: str, images: np.ndarray, labels: np.ndarray | None, k: int | None,
-            precision: int, max_batch: int, progress: bool | None) -> tuple[bytes, np.ndarray]:
+def setting_problems(k: int | None, widen: float | None, precision: int, max_batch: int) -> list[str]:
+    """Each coding setting out of range, named by its flag; None: the default."""
+    problems = [f"--{name} must be {low} to {high}, not {value}" for name, value, low, high in (
+        ("k", k, 1, MAX_K), ("widen", widen, 0.5, 4), ("precision", precision, 1, 20),
+        ("max-batch", max_batch, 1, LARGEST_BATCH)) if value is not None and not low <= value <= high]
+    if k == 1 and widen not in (None, 1):
+        problems.append(f"--widen {widen} widens the proposal of K > 1 draws; with --k 1 the draw is q's own")
+    return problems
+
+
+def _settings(trained: TrainedVAE, k: int | None, widen: float | None, precision: int, max_batch: int
+              ) -> tuple[int, float]:
+    """K and the widening to code with (the defaults where None), as a file stores them."""
+    problems = setting_problems(k, widen, precision, max_batch)
+    if problems:
+        raise CompressError("; ".join(problems))
+    k = default_k(trained) if k is None else k
+    widen = (DEFAULT_WIDEN if k > 1 else 1.0) if widen is None else widen
+    return k, float(np.float16(widen))
+
+
+def _encode(trained: TrainedVAE, path: str, images: np.ndarray, labels: np.ndarray | None, *, k: int | None = None,
+            widen: float | None = None, precision: int = PRECISION, max_batch: int = MAX_BATCH,
+            progress: bool | None = None) -> tuple[bytes, np.ndarray]:
     """The file's bytes, and the bound each image was coded at (bits): -log of its own importance estimate."""
     import constriction
 
-    k = default_k(trained) if k is None else k
+    k, widen = _settings(trained, k, widen, precision, max_batch)
     _check_memory(_working_bytes(trained, max_batch, k), f"batches of {max_batch} images x {k} draws")
     working_bits, seed_bits = _budget(trained, k)
     seed_words = -(-seed_bits // 32)
     coder = constriction.stream.stack.AnsCoder(_seed_words(seed_words), seal=True)
     moments = marginals(trained, images, labels)
-    codec, bounds, start = _BitsBack(trained, coder, _grids(trained, precision, moments), k), [], 0
+    codec, bounds, start = _BitsBack(trained, coder, _grids(trained, precision, moments), k, widen), [], 0
     with _coding(trained.vae), _bar(len(images), "encode", progress) as bar:
         for size in batch_sizes(len(images), working_bits, max_batch, 32 * seed_words):
             bounds.append(codec.encode_batch(images[start:start + size],
@@ -730,7 +776,7 @@ def _encode(trained: TrainedVAE, path: str, images: np.ndarray, labels: np.ndarr
         raise CompressError(f"{len(images)} images coded in {32 * len(words)} bits: the format holds at least one "
                             "bit per image")
     header = Header(path, weights_sha256(trained.vae), _images_sha256(images, labels), len(images), precision,
-                    max_batch, seed_words, len(words), k, trained.config.layers, labels is not None, moments)
+                    max_batch, seed_words, len(words), k, trained.config.layers, labels is not None, moments, widen)
     return header.pack() + words.tobytes(), np.concatenate(bounds) / math.log(2)
 
 
@@ -765,7 +811,7 @@ def decode(run, data: bytes, *, labels: bool = False, progress: bool | None = No
     try:
         coder = constriction.stream.stack.AnsCoder(np.frombuffer(data, dtype="<u4", offset=header.size)
                                                    .astype(np.uint32))
-        codec = _BitsBack(trained, coder, _grids(trained, header.precision, header.marginals), header.k)
+        codec = _BitsBack(trained, coder, _grids(trained, header.precision, header.marginals), header.k, header.widen)
         with _coding(trained.vae), _bar(header.num_images, "decode", progress) as bar:
             for size in reversed(sizes):  # a stack: the last batch coded comes off first
                 images[end - size:end], batch_labels = codec.decode_batch(size)
@@ -901,6 +947,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=int, default=0, help="encode the first N test images (0: all)")
     parser.add_argument("--k", type=int, default=None,
                         help=f"importance samples per image (default: {DEFAULT_K} for one layer, 1 for a hierarchy)")
+    parser.add_argument("--widen", type=float, default=None,
+                        help=f"with --k 2 or more: the draws' deviations over q's (default: {DEFAULT_WIDEN})")
     parser.add_argument("--precision", type=int, default=PRECISION, help="2^P bins per latent dimension")
     parser.add_argument("--max-batch", type=int, default=MAX_BATCH, help="most images per batch")
     parser.add_argument("--data-dir", default=None, help="where MNIST is unpacked (default: the run's --data-dir)")
@@ -919,7 +967,8 @@ def _encode_command(args) -> None:
         labels = test_labels if trained.vae.conditional else None
     labels = _labels_for(trained, labels, len(images))
     started = time.perf_counter()
-    data, bound = _encode(trained, path, images, labels, args.k, args.precision, args.max_batch, None)
+    data, bound = _encode(trained, path, images, labels, k=args.k, widen=args.widen, precision=args.precision,
+                          max_batch=args.max_batch)
     seconds = time.perf_counter() - started
     _write_atomically(file, lambda f: f.write(data))
     print(f"pyro_vae.compress: {run} -> {file}")
@@ -951,20 +1000,19 @@ def main(argv=None) -> int:
     """The command line: exit 2 on bad flags or images, 1 on a file, run or model that cannot be used."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.decode and (args.images or args.labels or args.limit or args.k is not None):
-        parser.error("--images, --labels, --limit and --k are for encoding, not --decode")
+    if args.decode and (args.images or args.labels or args.limit or args.k is not None or args.widen is not None):
+        parser.error("--images, --labels, --limit, --k and --widen are for encoding, not --decode")
     if not args.decode and args.run:
         parser.error("--run is for --decode; to encode, RUN is the first path")
     if args.images and args.limit:
         parser.error("--limit takes test images; with --images, give only the images to encode")
     if args.labels and not args.images:
         parser.error("--labels goes with --images (test images come with their own labels)")
-    for flag, value, low, high in (("--limit", args.limit, 0, None), ("--precision", args.precision, 1, 20),
-                                   ("--max-batch", args.max_batch, 1, LARGEST_BATCH),
-                                   ("--k", 1 if args.k is None else args.k, 1, MAX_K)):
-        if value < low or (high is not None and value > high):
-            parser.error(f"{flag} must be {low} to {high}, not {value}" if high else
-                         f"{flag} must be at least {low}, not {value}")
+    if args.limit < 0:
+        parser.error(f"--limit must be at least 0, not {args.limit}")
+    problems = setting_problems(args.k, args.widen, args.precision, args.max_batch)
+    if problems:
+        parser.error(problems[0])
     try:
         (_decode_command if args.decode else _encode_command)(args)
     except KeyboardInterrupt:

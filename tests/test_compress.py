@@ -7,6 +7,7 @@ import struct
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pyro
@@ -69,10 +70,12 @@ def test_the_round_trip_is_exact_through_the_batch_ramp(small_file):
     np.testing.assert_array_equal(restored, images)
 
 
-def test_the_round_trip_with_importance_samples_is_exact(small_file, conv32):
+@pytest.mark.parametrize("widen", [None, 1.0, 1.5])
+def test_the_round_trip_with_importance_samples_is_exact(small_file, conv32, widen):
     images = small_file[0][:12]
-    data = encode(conv32, images, k=3, max_batch=4)
-    assert read_header(data).k == 3
+    data = encode(conv32, images, k=3, widen=widen, max_batch=4)
+    header = read_header(data)
+    assert header.k == 3 and header.widen == np.float16(compress.DEFAULT_WIDEN if widen is None else widen)
     np.testing.assert_array_equal(decode(conv32, data), images)
 
 
@@ -369,8 +372,10 @@ def test_the_cli_refuses_bad_images_with_exit_2_and_one_line(images, message, tm
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--decode", "f.pvae", "o.npy", "--k", "4"], "--k are for encoding"),
+    (["--decode", "f.pvae", "o.npy", "--k", "4"], "are for encoding"),
     ([RUN, "f.pvae", "--k", "0"], "--k must be 1 to"),
+    ([RUN, "f.pvae", "--k", "1", "--widen", "1.2"], "with --k 1 the draw is q's own"),
+    ([RUN, "f.pvae", "--widen", "9"], "--widen must be 0.5 to 4"),
     ([RUN, "f.pvae", "--labels", "l.npy"], "--labels goes with --images")])
 def test_the_cli_refuses_flags_that_do_not_go_together(argv, message, capsys):
     with pytest.raises(SystemExit) as exit:
@@ -413,7 +418,7 @@ def test_an_interrupted_encode_writes_nothing(small_file, tmp_path, monkeypatch,
     images, _ = small_file
     np.save(tmp_path / "in.npy", images[:3])
 
-    def interrupted(*args):
+    def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(compress, "_encode", interrupted)
@@ -466,11 +471,27 @@ def _coded_bits(data: bytes) -> int:
     return 32 * header.data_words - 32 * (header.seed_words + 1)
 
 
+class Widened(pyro.poutine.messenger.Messenger):
+    """The guide with the deviations of q(z | x) `factor` times wider: the codec's proposal for K > 1 draws."""
+
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = factor
+
+    def _pyro_sample(self, msg):
+        if msg["name"] == "z":
+            q = msg["fn"]
+            msg["fn"] = pyro.distributions.Normal(q.base_dist.loc, q.base_dist.scale * self.factor).to_event(1)
+
+
 def _bound_and_error(vae, x: torch.Tensor, k: int, groups: int) -> tuple[float, float]:
-    """-IWAE_K (K = 1: -ELBO) summed over the images, in bits, from `groups` independent K-draw estimates per
-    image; and the standard error of a file's length about it: the spread of one K-draw estimate per image (the
-    coder draws once), and of the estimate itself."""
-    log_w = torch.cat([log_weights(vae, x[i:i + 50], num_samples=k * groups) for i in range(0, len(x), 50)], dim=1)
+    """-IWAE_K (K = 1: -ELBO) summed over the images, in bits, with the codec's proposal (q, widened for K > 1),
+    from `groups` independent K-draw estimates per image; and the standard error of a file's length about it: the
+    spread of one K-draw estimate per image (the coder draws once), and of the estimate itself."""
+    widen = float(np.float16(compress.DEFAULT_WIDEN)) if k > 1 else 1.0
+    proposal = SimpleNamespace(model=vae.model, guide=Widened(widen)(vae.guide))
+    log_w = torch.cat([log_weights(proposal, x[i:i + 50], num_samples=k * groups) for i in range(0, len(x), 50)],
+                      dim=1)
     per_group = -(log_w.double().reshape(groups, k, -1).logsumexp(1) - math.log(k)) / math.log(2)  # (groups, N)
     variance = per_group.var(0).sum().item()
     return per_group.mean(0).sum().item(), math.sqrt(variance * (1 + 1 / groups))
@@ -479,7 +500,8 @@ def _bound_and_error(vae, x: torch.Tensor, k: int, groups: int) -> tuple[float, 
 @pytest.mark.slow
 @pytest.mark.parametrize("family, k", [("conv32", 1), ("conv32", 4), ("two layers", 1)])
 def test_the_file_is_as_long_as_the_bound_it_codes_at(small_runs, conv32, family, k, data_dir):
-    """Bits-back codes each image in -log (1/K sum_k w_k) bits at its own K draws (K = 1: the -ELBO; two layers:
+    """Bits-back codes each image in -log (1/K sum_k w_k) bits at its own K draws from its proposal (q with its
+    deviations DEFAULT_WIDEN times wider; K = 1: q itself, the -ELBO; two layers:
     log q(z, z2 | x) - log p(x, z, z2), Bit-Swap's order pays nothing more). So the words past the initial bits
     are the sum of N such draws, whose expectation is -IWAE_K (-ELBO), estimated here from independent draws; the
     tolerance is 5 standard errors, plus the 0.5 bits an image that the bins and constriction's quantization may
@@ -501,7 +523,8 @@ def test_the_file_is_as_long_as_the_bound_it_codes_at(small_runs, conv32, family
 
 @pytest.mark.slow
 def test_more_samples_code_closer_to_the_log_likelihood(conv32, data_dir):
-    """The same images with K = 1 and K = 8 draws: the file shrinks by about -ELBO - (-IWAE_8)."""
+    """The same images with K = 1 and K = 8 draws: the file shrinks by about -ELBO - (-IWAE_8) (of the widened
+    proposal)."""
     images = mnist_test_images(data_dir, 200)
     x = torch.from_numpy(images).float().unsqueeze(1)
     one, eight = _coded_bits(encode(conv32, images, k=1)), _coded_bits(encode(conv32, images, k=8))
@@ -524,7 +547,8 @@ def encoded_by_the_cli(data_dir, tmp_path_factory):
 @pytest.mark.slow
 def test_a_file_encoded_in_one_process_decodes_exactly_in_another(encoded_by_the_cli, tmp_path):
     data_dir, file = encoded_by_the_cli
-    assert read_header(file.read_bytes()).k == compress.DEFAULT_K
+    header = read_header(file.read_bytes())
+    assert header.k == compress.DEFAULT_K and header.widen == np.float16(compress.DEFAULT_WIDEN if header.k > 1 else 1)
     out = tmp_path / "restored.npy"
     done = _cli("--decode", file, out, cwd=tmp_path)  # another directory, too
     assert done.returncode == 0, done.stderr
