@@ -498,14 +498,15 @@ def _bound_and_error(vae, x: torch.Tensor, k: int, groups: int) -> tuple[float, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family, k", [("conv32", 1), ("conv32", 4), ("two layers", 1)])
-def test_the_file_is_as_long_as_the_bound_it_codes_at(small_runs, conv32, family, k, data_dir):
+@pytest.mark.parametrize("family, k, n", [("conv32", 1, 2000), ("conv32", 4, 300), ("two layers", 1, 300)])
+def test_the_file_is_as_long_as_the_bound_it_codes_at(small_runs, conv32, family, k, n, data_dir):
     """Bits-back codes each image in -log (1/K sum_k w_k) bits at its own K draws from its proposal (q with its
     deviations DEFAULT_WIDEN times wider; K = 1: q itself, the -ELBO; two layers:
     log q(z, z2 | x) - log p(x, z, z2), Bit-Swap's order pays nothing more). So the words past the initial bits
     are the sum of N such draws, whose expectation is -IWAE_K (-ELBO), estimated here from independent draws; the
-    tolerance is 5 standard errors, plus the 0.5 bits an image that the bins and constriction's quantization may
-    add (0.1 to 0.2 measured).
+    tolerance is 5 standard errors, plus the 0.3 bits an image that the bins and constriction's quantization may
+    add (conv32, K = 1: -0.04 +- 0.22 measured on 1000 images). With 2000 images it tells draws from fresh bits from
+    draws that copy the image before's (1.7 bits an image more).
 
     The draws are as good as independent when the bits popped are: they are what the image before pushed for its
     z under p(z), uniform when the guide's draws are spread as p(z). For the one-layer family that takes a run
@@ -513,12 +514,12 @@ def test_the_file_is_as_long_as_the_bound_it_codes_at(small_runs, conv32, family
     5 bits an image above its -ELBO (docs/compression.md).
     """
     run = conv32 if family == "conv32" else pyro_vae.load(small_runs[family])
-    images = mnist_test_images(data_dir, 300)
+    images = mnist_test_images(data_dir, n)
     data = encode(run, images, k=k)
     x = torch.from_numpy(images).float().unsqueeze(1)
-    bound, error = _bound_and_error(run.vae, x, k, groups=20)
+    bound, error = _bound_and_error(run.vae, x, k, groups=10 if n > 1000 else 20)
     excess = _coded_bits(data) - bound
-    assert -5 * error - 32 <= excess <= 5 * error + 32 + 0.5 * len(images), (excess, error)
+    assert -5 * error - 32 <= excess <= 5 * error + 32 + 0.3 * len(images), (excess, error)
 
 
 @pytest.mark.slow
