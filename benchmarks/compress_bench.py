@@ -62,7 +62,8 @@ def main(argv=None) -> int:
     parser.add_argument("--k", type=int, nargs="+", default=[1, 4, 8, 16, 32])
     parser.add_argument("--limit", type=int, default=1000, help="test images (0: all 10,000)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--widen", type=float, default=None, help="the proposal's widening for K > 1 (default: the codec's)")
+    parser.add_argument("--widen", type=float, default=None,
+                        help="the proposal's widening for K > 1 (default: the codec's)")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--json", default=None, help="also write the figures here")
     args = parser.parse_args(argv)
@@ -73,7 +74,8 @@ def main(argv=None) -> int:
         return 1
     pixels = compress.PIXELS
     print(f"{result['run']}: {result['images']} test images, {result['repeats']} rounds, every round trip exact")
-    print(f"{'K':>4} {'file bpp':>9} {'bound bpp':>10} {'encode s':>18} {'decode s':>18} {'time / K=' + str(args.k[0]):>10}")
+    yardstick = f"time / K={args.k[0]}"
+    print(f"{'K':>4} {'file bpp':>9} {'bound bpp':>10} {'encode s':>18} {'decode s':>18} {yardstick:>10}")
     for k, row in result["k"].items():
         spread = {name: "{:.1f} ({:.1f}-{:.1f})".format(row[name], *row[f"{name}_range"])
                   for name in ("encode_s", "decode_s")}

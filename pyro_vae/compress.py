@@ -4,18 +4,19 @@ Bits-back ANS (Townsend, Bird & Barber, ICLR 2019): for each image x, pop z from
 (the bits back), push x with p(x | z), push z with p(z); a file then costs about -ELBO bits per image. Three
 extensions, each asked of the run's own distributions:
 
-- K importance samples (`k`; Ruan et al., ICML 2021, BB-IS): pop K draws of z and the index j of one of them in
-  proportion to its weight w_k = p(x, z_k) / q(z_k | x), code x and z_j, and push the rest back; an image then
-  costs -log (1/K sum_k w_k), the importance-weighted bound. The K draws are coupled (one uniform per latent
-  dimension, shifted K ways), so the initial bits stay those of one draw.
+- K importance samples (`k`; Ruan et al., ICML 2021, BB-IS): pop K draws of z from a proposal r (q(z | x), a
+  little wider) and the index j of one of them in proportion to its weight w_k = p(x, z_k) / r(z_k | x), code x and
+  z_j, and push the rest back; an image then costs -log (1/K sum_k w_k), the importance-weighted bound. The K draws
+  are coupled (one uniform per latent dimension, shifted K ways), so the initial bits stay those of one draw.
 - Hierarchies (`--layers L` runs with the bottom-up guide): Bit-Swap's order (Kingma et al., ICML 2019), layer by
   layer, so the bits popped for z_l+1 come from what z_l and x pushed, and the initial bits do not grow with L.
 - Label-conditioned runs: the label is pushed last with the model's own p(y), so images and labels come back.
 
-Each latent dimension is cut into 2^precision bins of equal mass under N(0, 1); every Gaussian of the program
-(q(z_l | .), p(z_l | .), p(z | y)) is discretized onto them as an integer CDF of total 2^24, computed with
-integer arithmetic so that encoder and decoder agree on it whatever array it sits in. p(x | z) is evaluated at
-the bins' centres. constriction's ANS stack coder does the coding.
+Each latent dimension is cut into 2^precision bins of equal mass under a normal as wide as the guide's draws of it
+on the images coded (the file stores that frame); every Gaussian of the program (q(z_l | .), p(z_l | .), p(z | y))
+is discretized onto them as an integer CDF of total 2^24, computed with integer arithmetic so that encoder and
+decoder agree on it whatever array it sits in. p(x | z) is evaluated at the bins' centres. constriction's ANS
+stack coder does the coding.
 
 Encoder and decoder must compute the same probabilities bit for bit: both run the networks on one thread on the
 same batches in reverse order, and a checksum of the images makes a decoder that did not (another CPU, another
@@ -54,9 +55,9 @@ from .trained import TrainedVAE
 
 MAGIC = b"PVAEBB"  # pyro_vae bits-back
 VERSION = 2  # 1: the ELBO codec of one layer (2026-11-28); 2: K samples, layers, labels, integer CDFs
-# bits per latent dimension: 2^12 bins of equal prior mass, narrow beside q(z | x). Every bin keeps at least 2^-24
-# of each CDF, so q leaks 2^(precision - 24) of its mass into far bins (measured with format 1 on conv32, 2000
-# images: the file's excess over -ELBO is 0.2 bits an image at 12, 0.4 at 14, 1.5 at 16)
+# bits per latent dimension: 2^12 bins of equal mass under the latent's spread, narrow beside q(z | x). Every bin
+# keeps at least 2^-24 of each CDF, so q leaks 2^(precision - 24) of its mass into far bins (measured with format 1
+# on conv32, 2000 images: the file's excess over -ELBO is 0.2 bits an image at 12, 0.4 at 14, 1.5 at 16)
 PRECISION = 12
 FINE_BITS = 24  # the integer CDFs' total is 2^24: a uniform of 24 bits picks a bin and a place inside it
 # importance samples for a one-layer run (a hierarchy codes at its ELBO, K = 1): the most whose encoding and decoding of
@@ -137,7 +138,8 @@ def unsupported(run: TrainedVAE, k: int = 1) -> str | None:
                        else f"the bins code {density} one dimension at a time, as a diagonal Gaussian")
                 return f"--{flag} {value}: {why}; --{flag} normal is coded"
     if not _independent_bernoulli(model.nodes["x"]["fn"]):
-        return f"--likelihood {config.likelihood}: pixels are coded as independent bits given z (--likelihood bernoulli)"
+        return (f"--likelihood {config.likelihood}: pixels are coded as independent bits given z "
+                "(--likelihood bernoulli)")
     if k > 1 and len(latents) > 1:
         return (f"--layers {len(latents)} with --k {k}: importance sampling is coded for one stochastic layer; a "
                 "hierarchy codes at its ELBO (--k 1)")
@@ -240,8 +242,8 @@ def _models():
 # its high half, which picks the bin, from the top. So the bin of the next draw comes from the low half of the last
 # symbol pushed, the place inside its bin popped from the coded x: random bits. The other way round the draw's bin
 # would copy the bin of the symbol pushed last, and each image's draw would be the quantiles of the one before, as
-# dependent across the latent dimensions as the images' posteriors are (measured on conv32, 2000 images: 1.7 bits
-# an image above the -ELBO, against 0.3 with fresh uniforms).
+# dependent across the latent dimensions as the images' posteriors are (measured on conv32 at K = 1, 2000 images:
+# 2.0 bits an image above the -ELBO; this way 0.16, and 0.30 with uniforms from a random generator).
 _HALF = FINE_BITS // 2
 
 
@@ -302,7 +304,8 @@ def _pixel_probabilities(likelihood: dist.Distribution, batch: int) -> np.ndarra
 
 def _push_pixels(coder, x: np.ndarray, likelihood: dist.Distribution) -> None:
     probs = _pixel_probabilities(likelihood, len(x))
-    coder.encode_reverse(x.reshape(len(x), PIXELS).T.ravel().astype(np.int32), _models().Bernoulli(perfect=False), probs.ravel())
+    pixels = x.reshape(len(x), PIXELS).T.ravel().astype(np.int32)
+    coder.encode_reverse(pixels, _models().Bernoulli(perfect=False), probs.ravel())
 
 
 def _pop_pixels(coder, likelihood: dist.Distribution, batch: int) -> np.ndarray:
@@ -849,7 +852,8 @@ def elbo_bits(run: TrainedVAE, images: np.ndarray, labels: np.ndarray | None = N
     return -torch.cat(values).double().numpy() / math.log(2)
 
 
-def binarized_test_split(trained: TrainedVAE, limit: int = 0, data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+def binarized_test_split(trained: TrainedVAE, limit: int = 0, data_dir: str | None = None
+                         ) -> tuple[np.ndarray, np.ndarray]:
     """The run's first `limit` test images (0: all), binarized as evaluation binarizes them: uint8 (N, 28, 28), and
     their labels (N,) int64."""
     config = trained.config
