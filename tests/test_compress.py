@@ -85,6 +85,7 @@ def test_the_round_trip_with_importance_samples_is_exact(small_file, conv32, wid
     (dict(conditional=True), 1, ("z",)),
     (dict(conditional=True), 3, ("z",)),
     (dict(conditional=True, arch="mlp", class_prior="standard"), 2, ("z",)),
+    (dict(conditional=True, labels=100), 2, ("z",)),  # semi-supervised: its guide given the label is q(z | x, y)
 ])
 def test_hierarchies_and_labels_round_trip_exactly(small_file, data_dir, change, k, sites):
     images = small_file[0][:20]
