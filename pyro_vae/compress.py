@@ -62,8 +62,8 @@ PRECISION = 12
 FINE_BITS = 24  # the integer CDFs' total is 2^24: a uniform of 24 bits picks a bin and a place inside it
 # importance samples for a one-layer run (a hierarchy codes at its ELBO, K = 1): the most whose encoding and decoding of
 # the 10,000 test images stays within 10 minutes on this project's 2-core CPU, one thread (conv32: 245 + 217 s
-# whole commands, 0.1679 bits per pixel against 0.1780 at K = 1; each doubling of K gains about 0.0006 and doubles
-# the time: docs/compression.md)
+# whole commands, 0.1679 bits per pixel against 0.1787 at K = 1; K = 64 would gain 0.0008 more in 15 minutes:
+# docs/compression.md)
 DEFAULT_K = 32
 # with K > 1 the draws come from q(z | x) with its deviations this much wider: an ELBO-trained q is narrower than the
 # posterior, and importance weights from a narrow proposal are heavy-tailed (measured on conv32, K = 24, 300 images:
