@@ -1,14 +1,26 @@
 """Lossless compression of binary MNIST by bits-back coding with the trained model and guide.
 
 Bits-back ANS (Townsend, Bird & Barber, ICLR 2019): for each image x, pop z from the stack with q(z | x)
-(the bits back), push x with p(x | z), push z with p(z). Each latent dimension is cut into 2^precision bins
-of equal mass under the N(0, 1) prior, so p(z) is uniform over bins; q(z | x) is discretized onto the same
-bins and p(x | z) is evaluated at the bins' centres. A file then costs about -ELBO bits per image, plus the
-initial bits that seed the stack and a small header. constriction's ANS stack coder does the coding.
+(the bits back), push x with p(x | z), push z with p(z); a file then costs about -ELBO bits per image. Three
+extensions, each asked of the run's own distributions:
 
-Encoder and decoder must compute the same probabilities bit for bit: both run the networks on one thread
-with the same batches in the same order, and a checksum of the images makes a decoder that did not
-(another CPU, another torch) fail loudly instead of writing wrong images.
+- K importance samples (`k`; Ruan et al., ICML 2021, BB-IS): pop K draws of z from a proposal r (q(z | x), a
+  little wider) and the index j of one of them in proportion to its weight w_k = p(x, z_k) / r(z_k | x), code x and
+  z_j, and push the rest back; an image then costs -log (1/K sum_k w_k), the importance-weighted bound. The K draws
+  are coupled (one uniform per latent dimension, shifted K ways), so the initial bits stay those of one draw.
+- Hierarchies (`--layers L` runs with the bottom-up guide): Bit-Swap's order (Kingma et al., ICML 2019), layer by
+  layer, so the bits popped for z_l+1 come from what z_l and x pushed, and the initial bits do not grow with L.
+- Label-conditioned runs: the label is pushed last with the model's own p(y), so images and labels come back.
+
+Each latent dimension is cut into 2^precision bins of equal mass under a normal as wide as the guide's draws of it
+on the images coded (the file stores that frame); every Gaussian of the program (q(z_l | .), p(z_l | .), p(z | y))
+is discretized onto them as an integer CDF of total 2^24, computed with integer arithmetic so that encoder and
+decoder agree on it whatever array it sits in. p(x | z) is evaluated at the bins' centres. constriction's ANS
+stack coder does the coding.
+
+Encoder and decoder must compute the same probabilities bit for bit: both run the networks on one thread on the
+same batches in reverse order, and a checksum of the images makes a decoder that did not (another CPU, another
+torch) fail loudly instead of writing wrong images.
 
 `python -m pyro_vae.compress RUN FILE` and `python -m pyro_vae.compress --decode FILE OUT.npy` are thin
 shells over `encode(run, images) -> bytes` and `decode(run, data) -> images`.
@@ -22,33 +34,59 @@ import math
 import struct
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from statistics import NormalDist
 
 import numpy as np
+import pyro
 import pyro.distributions as dist
 import torch
+from pyro import poutine
+from pyro.poutine.runtime import NonlocalExit
+from pyro.poutine.util import site_is_subsample
 from tqdm import tqdm
 
 from .checkpoint import PRETRAINED, CheckpointError, load, run_directory, write_atomically
-from .data import IMAGE_SHAPE, DataError, load_mnist
+from .data import IMAGE_SHAPE, NUM_CLASSES, DataError, load_mnist
 from .trained import TrainedVAE
 
 MAGIC = b"PVAEBB"  # pyro_vae bits-back
-VERSION = 1
-# bits per latent dimension: 2^12 bins of equal prior mass, narrow beside q(z | x). Not more: constriction gives every
-# bin at least 2^-24, so q leaks 2^(precision - 24) of its mass into far bins (measured on conv32, 2000 images: the
-# file's excess over -ELBO is 0.2 bits an image at 12, 0.4 at 14, 1.5 at 16)
+VERSION = 2  # 1: the ELBO codec of one layer (2026-11-28); 2: K samples, layers, labels, integer CDFs
+# bits per latent dimension: 2^12 bins of equal mass under the latent's spread, narrow beside q(z | x). Every bin
+# keeps at least 2^-24 of each CDF, so q leaks 2^(precision - 24) of its mass into far bins (measured with format 1
+# on conv32, 2000 images: the file's excess over -ELBO is 0.2 bits an image at 12, 0.4 at 14, 1.5 at 16)
 PRECISION = 12
-MAX_BATCH = 100  # images per network call once the stack holds enough bits
+FINE_BITS = 24  # the integer CDFs' total is 2^24: a uniform of 24 bits picks a bin and a place inside it
+# importance samples for a one-layer run (a hierarchy codes at its ELBO, K = 1): the most whose encoding and decoding of
+# the 10,000 test images stays within 10 minutes on this project's 2-core CPU, one thread (conv32: 245 + 217 s
+# whole commands, 0.1679 bits per pixel against 0.1787 at K = 1; K = 64 would gain 0.0008 more in 15 minutes:
+# docs/compression.md)
+DEFAULT_K = 32
+# with K > 1 the draws come from q(z | x) with its deviations this much wider: an ELBO-trained q is narrower than the
+# posterior, and importance weights from a narrow proposal are heavy-tailed (measured on conv32, K = 24, 300 images:
+# 1.1 codes 0.59 bits an image below 1.0, 1.2 0.78, 1.3 0.61)
+DEFAULT_WIDEN = 1.2
+MAX_K = 1024
+MAX_BATCH = 100  # images per batch once the stack holds enough bits
+LARGEST_BATCH = 10_000  # the most a file may ask for (memory: see _working_bytes)
+MARGINAL_IMAGES = 4096  # the images whose posteriors each latent's bins are cut for
+SAMPLES_PER_PASS = 500  # images x importance samples per decoder call: bounds the activations' memory
 NUM_THREADS = 1  # how torch splits a sum across threads changes its last bits: fixed, so both sides agree
 SEED_TAG = b"pyro_vae bits-back initial bits"  # the pseudo-random words that seed the stack come from this
+SHIFT_TAG = b"pyro_vae bits-back coupling"  # the K draws' shifts come from this
 ASSUMED_BITS_PER_IMAGE = 64  # a floor on -ELBO in bits on MNIST (real models: 115 or more), for the batch ramp
 PIXELS = math.prod(IMAGE_SHAPE)
-_HEADER = struct.Struct("<6sBBIIII32s32sH")  # magic, version, precision, images, max batch, seed and data words,
-#                                              weights' and images' SHA-256, length of the run's path
+_HEADER = struct.Struct("<6sBBHBBIIII32s32sHHe")  # magic, version, precision, K, layers, labelled, images, max
+#                              batch, seed and data words, weights' and images' SHA-256, lengths of the run's path and
+#                              of the marginals (float16 values), the proposal's widening; then the path, the marginals
+_PHI_RANGE = 8  # the normal CDF is 0 below -8 and 1 above 8 at 2^-32
+_PHI_STEP_BITS = 10  # the CDF's table has a point every 2^-10, interpolated linearly between them: a bin in
+#                     the tails (2^-8 wide at 3 sd) gets the mass of a chord, 0.2% off at most
+_T_BITS = 26  # (edge - loc) / scale is rounded to 2^-26 before the table is read (a central bin of N(0, 1) is
+#               2^-11 wide: its mass is then right to 0.01%)
 
 
 class CompressError(Exception):
@@ -56,38 +94,424 @@ class CompressError(Exception):
 
 
 class BadImages(CompressError):
-    """Images that are not a binary (N, 28, 28) array."""
+    """Images (or labels) that are not a binary (N, 28, 28) array (or N digits)."""
 
 
-def unsupported(run: TrainedVAE) -> str | None:
-    """Why the codec cannot compress with this run, in one line naming the flag; None when it can.
+# What the codec supports: asked of the run's distributions, not of their names
 
-    Asked of the run's own pieces, not of their names: the codec needs p(z) = N(0, I) (its bins have
-    equal mass under it), q(z | x) = Normal(encoder's loc, scale) (run.encode then gives q) and Bernoulli
-    pixels (run.decode then gives their probabilities).
+
+def _diagonal_normal(d) -> bool:
+    """Whether d is a diagonal Normal over one vector (independent over the latent dimensions)."""
+    return isinstance(d, dist.Independent) and type(d.base_dist) is dist.Normal and d.reinterpreted_batch_ndims == 1
+
+
+def _independent_bernoulli(d) -> bool:
+    """Whether d gives each pixel its own Bernoulli given z (its pixels can be coded all at once)."""
+    return isinstance(d, dist.Independent) and type(d.base_dist) is dist.Bernoulli
+
+
+def unsupported(run: TrainedVAE, k: int = 1) -> str | None:
+    """Why the codec cannot compress with this run (with k importance samples), in one line naming the flag; None
+    when it can.
+
+    Asked of the run's model and guide traced on two blank images: every latent site must be a diagonal Gaussian
+    in both (its bins are coded one dimension at a time), the guide must go bottom-up, q(z | x) q(z2 | z) ...
+    (Bit-Swap's order), and p(x | z) must be Bernoulli pixels.
     """
     vae, config = run.vae, run.config
-    if len(vae.sites) != 1:
-        return f"--layers {config.layers}: only one stochastic layer is coded (--layers 1)"
-    if vae.conditional:
-        return "--conditional: the label would need coding too; compress with an unconditional run"
+    x = torch.zeros(2, *IMAGE_SHAPE, device=run.device)
+    y = torch.zeros(2, dtype=torch.long, device=run.device) if vae.conditional else None
     with torch.no_grad():
-        prior = vae.prior()
-        loc, scale = torch.zeros(2, config.latent_dim), torch.rand(2, config.latent_dim) + 0.5
-        posterior = vae.posterior(loc, scale)
-        likelihood = vae.likelihood(torch.zeros(1, *IMAGE_SHAPE))
-    if not (_normal(prior) and torch.all(prior.mean == 0) and torch.all(prior.stddev == 1)):
-        return f"--prior {config.prior}: the latent bins have equal mass under the standard normal (--prior normal)"
-    if not (_normal(posterior) and torch.equal(posterior.mean, loc) and torch.equal(posterior.stddev, scale)):
-        return f"--guide {config.guide}: the bits back need the encoder's diagonal Gaussian q(z | x) (--guide normal)"
-    if not isinstance(getattr(likelihood, "base_dist", likelihood), dist.Bernoulli):
-        return f"--likelihood {config.likelihood}: pixels are coded as binary (--likelihood bernoulli)"
+        guide = poutine.trace(vae.guide).get_trace(x, y)
+        model = poutine.trace(poutine.replay(vae.model, trace=guide)).get_trace(x, y)
+    latents = [name for name, site in guide.nodes.items() if site["type"] == "sample" and not site_is_subsample(site)]
+    if latents != list(vae.sites):
+        return (f"--guide {config.guide}: Bit-Swap pops each layer given the one below, q(z | x) q(z2 | z) ..., and "
+                f"this guide draws {', '.join(latents)} in that order")
+    for name in latents:
+        for flag, which, d in (("guide", "q", guide.nodes[name]["fn"]), ("prior", "p", model.nodes[name]["fn"])):
+            if not _diagonal_normal(d):
+                value = getattr(config, flag)
+                density = f"q({name} | .)" if which == "q" else f"p({name})"
+                why = (f"{density} is a flow, whose density does not factor over the latent dimensions into the "
+                       "per-dimension bins (docs/compression.md)" if isinstance(d, dist.TransformedDistribution)
+                       else f"the bins code {density} one dimension at a time, as a diagonal Gaussian")
+                return f"--{flag} {value}: {why}; --{flag} normal is coded"
+    if not _independent_bernoulli(model.nodes["x"]["fn"]):
+        return (f"--likelihood {config.likelihood}: pixels are coded as independent bits given z "
+                "(--likelihood bernoulli)")
+    if k > 1 and len(latents) > 1:
+        return (f"--layers {len(latents)} with --k {k}: importance sampling is coded for one stochastic layer; a "
+                "hierarchy codes at its ELBO (--k 1)")
     return None
 
 
-def _normal(d) -> bool:
-    """Whether d is a diagonal Normal (independent over the latent dimensions)."""
-    return isinstance(d, dist.Independent) and type(d.base_dist) is dist.Normal
+# The latent bins, and each Gaussian on them as an integer CDF
+
+
+@lru_cache(maxsize=4)
+def _standard_grid(precision: int) -> tuple[np.ndarray, np.ndarray]:
+    """Edges (2^P + 1,), from -inf to inf, of 2^P bins of equal mass under N(0, 1), and their centres (2^P,)."""
+    normal, bins = NormalDist(), 1 << precision
+    edges = np.array([-math.inf, *(normal.inv_cdf(k / bins) for k in range(1, bins)), math.inf])
+    return edges, np.array([normal.inv_cdf((k + 0.5) / bins) for k in range(bins)])
+
+
+class _Grid:
+    """The bins of one latent site: per dimension d, 2^P bins of equal mass under N(mean_d, std_d^2), where the
+    guide puts that dimension on the images coded (marginals): fine where the draws land, whatever the prior."""
+
+    def __init__(self, precision: int, mean: np.ndarray, std: np.ndarray):
+        edges, centres = _standard_grid(precision)
+        mean, std = mean.astype(np.float64)[:, None], std.astype(np.float64)[:, None]
+        self.precision, self.width = precision, len(mean)
+        self.edges = mean + std * edges  # (D, 2^P + 1), -inf and inf at the ends
+        self.centres = torch.from_numpy(mean + std * centres).float()  # (D, 2^P): where the networks evaluate z
+        self.dims = np.arange(self.width)
+
+    def points(self, k: np.ndarray) -> torch.Tensor:
+        """The centres of bins k (..., D): float32 (..., D)."""
+        return self.centres[torch.from_numpy(self.dims), torch.from_numpy(k)]
+
+
+@lru_cache(maxsize=1)
+def _phi_table() -> np.ndarray:
+    """The normal CDF times 2^32, rounded, every 2^-10 from -8 to 8 (and one point past): int64."""
+    steps = 2 * _PHI_RANGE << _PHI_STEP_BITS
+    t = [-_PHI_RANGE + i / (1 << _PHI_STEP_BITS) for i in range(steps + 2)]
+    return np.array([round(0.5 * math.erfc(-v / math.sqrt(2)) * 2 ** 32) for v in t], dtype=np.int64)
+
+
+class _Bins:
+    """A diagonal Gaussian (loc, scale broadcast to `shape`) discretized onto the latent bins: the integer CDF C(k).
+
+    C(0) = 0, C(2^P) = 2^24 and C(k+1) - C(k) >= 1, so every bin can be coded. C is computed from the rounded
+    standardized edge with integers only (a table of the normal CDF, interpolated): the same value wherever it
+    is computed, which float transcendental functions vectorized over arrays of other lengths do not promise.
+    """
+
+    def __init__(self, grid: _Grid, loc: np.ndarray, scale: np.ndarray, shape: tuple):
+        self.grid, self.precision, self.shape = grid, grid.precision, shape
+        self.loc, self.scale = loc, scale
+        self.spread = (1 << FINE_BITS) - (1 << grid.precision)  # CDF mass left after every bin's floor of 1
+
+    def cdf(self, k: np.ndarray) -> np.ndarray:
+        t = (self.grid.edges[self.grid.dims, k] - self.loc) / self.scale
+        s = np.rint(np.clip(t, -_PHI_RANGE, _PHI_RANGE) * (1 << _T_BITS)).astype(np.int64) + (_PHI_RANGE << _T_BITS)
+        shift = _T_BITS - _PHI_STEP_BITS
+        index, rest = s >> shift, s & ((1 << shift) - 1)
+        table = _phi_table()
+        phi = table[index] + (((table[index + 1] - table[index]) * rest) >> shift)  # 2^32 Phi(t)
+        return ((phi * self.spread) >> 32) + k
+
+    def find(self, u: np.ndarray) -> np.ndarray:
+        """The bins k with C(k) <= u < C(k + 1): binary search, one bit of k at a time."""
+        k = np.zeros(np.broadcast_shapes(u.shape, self.shape), dtype=np.int64)
+        for bit in reversed(range(self.precision)):
+            trial = k + (1 << bit)
+            k = np.where(self.cdf(trial) <= u, trial, k)
+        return k
+
+    def widened(self, factor: float) -> _Bins:
+        """The same Gaussians with their deviations `factor` times wider."""
+        return _Bins(self.grid, self.loc, self.scale * factor, self.shape)
+
+    def log_prob(self, k: np.ndarray) -> np.ndarray:
+        """log of each vector of bins' probability, in nats: summed over the last dimension."""
+        return (np.log(self.cdf(k + 1) - self.cdf(k)) - FINE_BITS * math.log(2)).sum(-1)
+
+
+def _bins_of(d: dist.Distribution, grid: _Grid, shape: tuple) -> _Bins:
+    """A latent site's diagonal Gaussian on its bins, broadcast to shape (..., D)."""
+    loc = d.base_dist.loc.detach().cpu().double().numpy()
+    scale = d.base_dist.scale.detach().cpu().double().numpy()
+    return _Bins(grid, loc, scale, shape)
+
+
+# Coding primitives on constriction's stack
+
+
+def _models():
+    import constriction  # optional for the rest of the package
+
+    return constriction.stream.model
+
+
+# A 24-bit uniform goes on the stack as two 12-bit halves, in one of two orders. A symbol coded with p (pushed, or
+# popped back by the decoder) puts its low half on top; a draw from q (popped, or given back by the decoder) takes
+# its high half, which picks the bin, from the top. So the bin of the next draw comes from the low half of the last
+# symbol pushed, the place inside its bin popped from the coded x: random bits. The other way round the draw's bin
+# would copy the bin of the symbol pushed last, and each image's draw would be the quantiles of the one before, as
+# dependent across the latent dimensions as the images' posteriors are (measured on conv32 at K = 1, 2000 images:
+# 2.0 bits an image above the -ELBO; this way 0.16, and 0.30 with uniforms from a random generator).
+_HALF = FINE_BITS // 2
+
+
+def _pop_fine(coder, shape: tuple, draw: bool) -> np.ndarray:
+    """Uniforms of 24 bits (shape): a draw's (draw=True, high half first) or a coded symbol's (low half first)."""
+    half, n = _models().Uniform(1 << _HALF), math.prod(shape)
+    first, second = coder.decode(half, n).astype(np.int64), coder.decode(half, n).astype(np.int64)
+    high, low = (first, second) if draw else (second, first)
+    return ((high << _HALF) | low).reshape(shape)
+
+
+def _push_fine(coder, u: np.ndarray, draw: bool) -> None:
+    """The inverse of _pop_fine."""
+    half, u = _models().Uniform(1 << _HALF), u.ravel()
+    high, low = (u >> _HALF).astype(np.int32), (u & ((1 << _HALF) - 1)).astype(np.int32)
+    second, first = (low, high) if draw else (high, low)
+    coder.encode_reverse(second, half)
+    coder.encode_reverse(first, half)
+
+
+def _push_uniform(coder, r: np.ndarray, sizes: np.ndarray) -> None:
+    """r uniform on 0 .. size - 1 each; a size of 1 holds no information and is not coded."""
+    keep = sizes.ravel() > 1
+    coder.encode_reverse(r.ravel()[keep].astype(np.int32), _models().Uniform(), sizes.ravel()[keep].astype(np.int32))
+
+
+def _pop_uniform(coder, sizes: np.ndarray) -> np.ndarray:
+    keep, r = sizes.ravel() > 1, np.zeros(sizes.size, dtype=np.int64)
+    r[keep] = coder.decode(_models().Uniform(), sizes.ravel()[keep].astype(np.int32))
+    return r.reshape(sizes.shape)
+
+
+def _pop_bins(coder, bins: _Bins, draw: bool) -> np.ndarray:
+    """Bins popped with their probabilities: a draw z ~ q taking bits back (draw=True), or decoding a pushed z.
+
+    A 24-bit uniform u picks the bin k with C(k) <= u < C(k + 1); its place u - C(k) inside the bin goes back on
+    the stack, so the net cost is -log2 of the bin's probability.
+    """
+    u = _pop_fine(coder, bins.shape, draw)
+    k = bins.find(u)
+    low = bins.cdf(k)
+    _push_uniform(coder, u - low, bins.cdf(k + 1) - low)
+    return k
+
+
+def _push_bins(coder, k: np.ndarray, bins: _Bins, draw: bool) -> None:
+    """Push bins k with their probabilities: coding z, or giving back a draw's bits (draw=True); undoes _pop_bins."""
+    low = bins.cdf(k)
+    _push_fine(coder, low + _pop_uniform(coder, bins.cdf(k + 1) - low), draw)
+
+
+def _pixel_probabilities(likelihood: dist.Distribution, batch: int) -> np.ndarray:
+    """P(pixel = 1 | z) of independent Bernoulli pixels, (784, B) float64: pixel-major, the order a decoder that
+    needs the pixels before each one (an autoregressive likelihood) would pop them in."""
+    probs = likelihood.base_dist.probs.expand(batch, *IMAGE_SHAPE)
+    return probs.reshape(batch, PIXELS).T.double().numpy()
+
+
+def _push_pixels(coder, x: np.ndarray, likelihood: dist.Distribution) -> None:
+    probs = _pixel_probabilities(likelihood, len(x))
+    pixels = x.reshape(len(x), PIXELS).T.ravel().astype(np.int32)
+    coder.encode_reverse(pixels, _models().Bernoulli(perfect=False), probs.ravel())
+
+
+def _pop_pixels(coder, likelihood: dist.Distribution, batch: int) -> np.ndarray:
+    """Images (B, 28, 28) uint8 popped with p(x | z): all pixels at once, since each is independent given z."""
+    probs = _pixel_probabilities(likelihood, batch)
+    pixels = coder.decode(_models().Bernoulli(perfect=False), probs.ravel()).astype(np.uint8)
+    return np.ascontiguousarray(pixels.reshape(PIXELS, batch).T).reshape(batch, *IMAGE_SHAPE[1:])  # as encoded: the
+    # networks and the sums over pixels must see the same memory layout on both sides
+
+
+# The program's distributions, and the order they are coded in
+
+
+def _shifts(k: int, width: int) -> np.ndarray:
+    """The K draws' offsets (K, D) on the 24-bit uniforms: 0 for the first, pseudo-random for the rest."""
+    words = np.frombuffer(hashlib.shake_256(SHIFT_TAG + f" {k} {width}".encode()).digest(4 * k * width), dtype="<u4")
+    shifts = (words.astype(np.int64) & ((1 << FINE_BITS) - 1)).reshape(k, width)
+    shifts[0] = 0
+    return shifts
+
+
+class _Program:
+    """A run's model and guide, asked for one site's distribution at a time: each runs until that site and stops
+    (poutine.escape), with the latent sites known so far conditioned on their bins' centres."""
+
+    def __init__(self, trained: TrainedVAE, grids: dict):
+        self.vae, self.grids = trained.vae, grids  # site -> _Grid
+        self.sites = self.vae.sites  # z (next to x), z2, ... zL
+
+    def _points(self, values: dict) -> dict:
+        """Bins (numpy) as their centres; draws already continuous (tensors) as they are."""
+        return {name: self.grids[name].points(v) if isinstance(v, np.ndarray) else v for name, v in values.items()}
+
+    def site(self, which: str, name: str, x: torch.Tensor, y: torch.Tensor | None, values: dict,
+             samples: int = 0) -> dist.Distribution:
+        """The distribution of site `name` of the model or the guide (`which`) given x, y and the bins in values."""
+        program = poutine.escape(poutine.condition(getattr(self.vae, which), data=self._points(values)),
+                                 escape_fn=lambda msg: msg["name"] == name)
+        try:
+            with pyro.plate("samples", samples, dim=-2) if samples else nullcontext():
+                program(x, y)
+        except NonlocalExit as stop:
+            stop.reset_stack()
+            return stop.site["fn"]
+        raise CompressError(f"the run's {which} has no site {name!r}")
+
+    def bins(self, which: str, name: str, x, y, values: dict, shape: tuple | None = None) -> _Bins:
+        d = self.site(which, name, x, y, values)
+        return _bins_of(d, self.grids[name], shape or (x.shape[0], *d.event_shape))
+
+
+def marginals(trained: TrainedVAE, images: np.ndarray, labels: np.ndarray | None = None) -> tuple[float, ...]:
+    """Where the guide puts each latent dimension on these images: the mean and standard deviation of its
+    mixture over the first MARGINAL_IMAGES images, site by site (z's means, then z's deviations, then z2's ...),
+    rounded to float16 as a file stores them. Each site's bins are cut for them.
+
+    Each layer's q given the one below is taken at one draw of that layer per image (a fixed seed).
+    """
+    program = _Program(trained, {})
+    x, y = _tensors(images[:MARGINAL_IMAGES], None if labels is None else labels[:MARGINAL_IMAGES])
+    values, moments = {}, []
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(0)
+        for site in program.sites:  # bottom-up: q(z | x), q(z2 | z), ...
+            d = program.site("guide", site, x, y, values)
+            loc, scale = d.base_dist.loc.double(), d.base_dist.scale.double()
+            mean = loc.mean(0)
+            std = ((scale ** 2 + loc ** 2).mean(0) - mean ** 2).clamp(min=0).sqrt().clamp(min=1e-3)
+            moments += [*mean.half().tolist(), *std.half().tolist()]
+            values[site] = d.sample()
+    return tuple(moments)
+
+
+def _grids(trained: TrainedVAE, precision: int, moments: tuple[float, ...]) -> dict:
+    """Each latent site's _Grid from the marginals a file records."""
+    values, grids, start = np.array(moments, dtype=np.float64), {}, 0
+    for site, width in zip(trained.vae.sites, trained.config.layer_dims()):
+        mean, std = values[start:start + width], values[start + width:start + 2 * width]
+        if not np.all(std > 0):
+            raise CompressError("damaged header: a latent dimension's deviation is not positive")
+        grids[site], start = _Grid(precision, mean, std), start + 2 * width
+    return grids
+
+
+class _BitsBack:
+    """Codes batches of images (and labels) on one ANS stack: encode_batch, and decode_batch in reverse."""
+
+    def __init__(self, trained: TrainedVAE, coder, grids: dict, k: int, widen: float = 1.0):
+        self.program, self.coder, self.k, self.widen = _Program(trained, grids), coder, k, widen
+        self.labelled = trained.vae.conditional
+
+    def encode_batch(self, images: np.ndarray, labels: np.ndarray | None) -> np.ndarray:
+        """Push images (B, 28, 28) (and labels (B,)); returns the bound each costs, in nats: -log of its importance
+        estimate (K > 1) or log q - log p at its own draws (K = 1)."""
+        program, coder, sites = self.program, self.coder, self.program.sites
+        x, y = _tensors(images, labels)
+        q = program.bins("guide", "z", x, y, {})
+        values = {}
+        if self.k > 1:
+            values["z"], bound = self._draw_importance(q.widened(self.widen), x, y)
+        else:
+            values["z"] = _pop_bins(coder, q, draw=True)
+            bound = q.log_prob(values["z"])
+        likelihood = program.site("model", "x", x, y, values)
+        _push_pixels(coder, images, likelihood)
+        if self.k == 1:
+            bound = bound - likelihood.log_prob(x).double().numpy()
+        for below, site in zip(sites, sites[1:]):  # Bit-Swap: draw z_l+1 with what z_l and x pushed, then push z_l
+            q = program.bins("guide", site, x, y, values)
+            values[site] = _pop_bins(coder, q, draw=True)
+            p = program.bins("model", below, x, y, values)
+            _push_bins(coder, values[below], p, draw=False)
+            bound += q.log_prob(values[site]) - p.log_prob(values[below])
+        top = program.bins("model", sites[-1], x, y, values)
+        _push_bins(coder, values[sites[-1]], top, draw=False)
+        if self.k == 1:
+            bound = bound - top.log_prob(values[sites[-1]])
+        if self.labelled:
+            label_prior = program.site("model", "y", x, y, {})
+            coder.encode_reverse(labels.astype(np.int32), _models().Categorical(perfect=False),
+                                 _label_probabilities(label_prior, len(x)))
+            bound = bound - label_prior.log_prob(y).double().numpy()
+        return bound
+
+    def decode_batch(self, size: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Pop the last batch pushed: images (B, 28, 28) uint8 and labels (B,) or None; the bits back are pushed."""
+        program, coder, sites = self.program, self.coder, self.program.sites
+        blank = torch.zeros(size, *IMAGE_SHAPE)
+        labels = y = None
+        if self.labelled:
+            probabilities = _label_probabilities(program.site("model", "y", blank, None, {}), size)
+            labels = coder.decode(_models().Categorical(perfect=False), probabilities).astype(np.int64)
+            y = torch.from_numpy(labels)
+        values = {sites[-1]: _pop_bins(coder, program.bins("model", sites[-1], blank, y, {}), draw=False)}
+        for below, site in reversed(list(zip(sites, sites[1:]))):
+            values[below] = _pop_bins(coder, program.bins("model", below, blank, y, values), draw=False)
+            _push_bins(coder, values[site], program.bins("guide", site, blank, y, values), draw=True)
+        images = _pop_pixels(coder, program.site("model", "x", blank, y, {"z": values["z"]}), size)
+        x = torch.from_numpy(images).float().reshape(-1, *IMAGE_SHAPE)
+        q = program.bins("guide", "z", x, y, {})
+        if self.k > 1:
+            self._undraw_importance(values["z"], q.widened(self.widen), x, y)
+        else:
+            _push_bins(coder, values["z"], q, draw=True)
+        return images, labels
+
+    # BB-IS with coupled draws (Ruan et al. 2021): one uniform u per latent dimension; draw k is the bin of
+    # u + shift_k (mod 2^24), each marginally the proposal q (widened). Pop u, pop j ~ w_j / sum_k w_k, push u_j's
+    # place in its bin and j uniformly; the caller then pushes x and z_j as for one draw. Net: -log (1/K sum_k w_k).
+
+    def _draw_importance(self, q: _Bins, x: torch.Tensor, y: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray]:
+        coder, rows = self.coder, np.arange(len(x))
+        u = _pop_fine(coder, q.shape, draw=True)
+        draws, log_w = self._weights(u, q, x, y)
+        j = coder.decode(_models().Categorical(perfect=False), _softmax(log_w)).astype(np.int64)
+        z, u_j = draws[j, rows], (u + _shifts(self.k, q.shape[-1])[j]) & ((1 << FINE_BITS) - 1)
+        low = q.cdf(z)
+        _push_uniform(coder, u_j - low, q.cdf(z + 1) - low)
+        coder.encode_reverse(j.astype(np.int32), _models().Uniform(self.k))
+        log_mean = np.logaddexp.reduce(log_w, axis=1) - math.log(self.k)
+        return z, -log_mean
+
+    def _undraw_importance(self, z: np.ndarray, q: _Bins, x: torch.Tensor, y: torch.Tensor | None) -> None:
+        coder, rows = self.coder, np.arange(len(x))
+        j = coder.decode(_models().Uniform(self.k), len(x)).astype(np.int64)
+        low = q.cdf(z)
+        u_j = low + _pop_uniform(coder, q.cdf(z + 1) - low)
+        u = (u_j - _shifts(self.k, q.shape[-1])[j]) & ((1 << FINE_BITS) - 1)
+        draws, log_w = self._weights(u, q, x, y)
+        if not np.array_equal(draws[j, rows], z):
+            raise CompressError("damaged: the coded words do not decode (a draw does not come back)")
+        coder.encode_reverse(j.astype(np.int32), _models().Categorical(perfect=False), _softmax(log_w))
+        _push_fine(coder, u, draw=True)
+
+    def _weights(self, u: np.ndarray, q: _Bins, x: torch.Tensor, y: torch.Tensor | None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+        """The K coupled draws (K, B, D) from u (B, D), and their log weights log p(x, z_k) - log q(z_k | x), (B, K)."""
+        program, k, batch = self.program, self.k, len(x)
+        shape = (k, *q.shape)
+        draws = q.find((u + _shifts(k, q.shape[-1])[:, None]) & ((1 << FINE_BITS) - 1))
+        prior = program.bins("model", "z", x, y, {}, shape)
+        log_w = prior.log_prob(draws) - q.log_prob(draws)  # (K, B)
+        per_pass = max(1, SAMPLES_PER_PASS // batch)  # draws per decoder call: depends on K and B alone
+        for start in range(0, k, per_pass):
+            part = draws[start:start + per_pass]
+            likelihood = program.site("model", "x", x, y, {"z": part}, samples=len(part))
+            log_w[start:start + len(part)] += likelihood.log_prob(x).double().numpy()
+        return draws, log_w.T
+
+
+def _softmax(log_w: np.ndarray) -> np.ndarray:
+    w = np.exp(log_w - log_w.max(axis=1, keepdims=True))
+    return np.ascontiguousarray(w / w.sum(axis=1, keepdims=True))  # constriction reads the rows as laid out
+
+
+def _label_probabilities(prior: dist.Distribution, batch: int) -> np.ndarray:
+    """p(y) of each image, (B, 10) float64, from the model's own label site."""
+    return np.ascontiguousarray(prior.probs.expand(batch, NUM_CLASSES).double().numpy())
+
+
+def _tensors(images: np.ndarray, labels: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    x = torch.from_numpy(images).float().reshape(-1, *IMAGE_SHAPE)
+    return x, None if labels is None else torch.from_numpy(labels.astype(np.int64))
+
+
+# The file
 
 
 @dataclass(frozen=True)
@@ -96,47 +520,87 @@ class Header:
 
     run: str  # the run that encoded it, as given to decode by default
     weights_sha256: bytes  # of the model's state_dict: decoding refuses other weights
-    images_sha256: bytes  # of the (N, 28, 28) uint8 images: decoding checks what it restores
+    images_sha256: bytes  # of the (N, 28, 28) uint8 images (and the int64 labels): decoding checks what it restores
     num_images: int
     precision: int  # 2^precision bins per latent dimension
     max_batch: int
     seed_words: int  # pseudo-random 32-bit words that seeded the stack
     data_words: int  # 32-bit ANS words after the header
+    k: int = 1  # importance samples per image
+    layers: int = 1  # stochastic layers of the run
+    labelled: bool = False  # the labels are coded too
+    marginals: tuple = ()  # mean and deviation of each latent dimension (float16): its bins' frame (see marginals)
+    widen: float = 1.0  # the importance proposal's deviations over q's (float16)
 
     def pack(self) -> bytes:
         run = self.run.encode()
-        return _HEADER.pack(MAGIC, VERSION, self.precision, self.num_images, self.max_batch, self.seed_words,
-                            self.data_words, self.weights_sha256, self.images_sha256, len(run)) + run
+        return _HEADER.pack(MAGIC, VERSION, self.precision, self.k, self.layers, self.labelled, self.num_images,
+                            self.max_batch, self.seed_words, self.data_words, self.weights_sha256,
+                            self.images_sha256, len(run), len(self.marginals), self.widen) + run + \
+            np.array(self.marginals, dtype="<f2").tobytes()
 
     @property
     def size(self) -> int:
         """Bytes of the header."""
-        return _HEADER.size + len(self.run.encode())
+        return _HEADER.size + len(self.run.encode()) + 2 * len(self.marginals)
 
 
 def read_header(data: bytes) -> Header:
-    """The header of a compressed file; CompressError when data is not one, or is cut short."""
+    """The header of a compressed file; CompressError when data is not one, is cut short or holds impossible
+    settings (checked before anything is allocated for it)."""
     if data[:len(MAGIC)] != MAGIC:
         raise CompressError("not a pyro_vae compressed file (no PVAEBB magic bytes at its start)")
+    if len(data) <= len(MAGIC):
+        raise CompressError(f"truncated: {len(data)} bytes, shorter than the header")
+    if data[len(MAGIC)] != VERSION:
+        old = " (the ELBO codec of 2026-11-28: decode it with that pyro_vae)" if data[len(MAGIC)] == 1 else ""
+        raise CompressError(f"format version {data[len(MAGIC)]}{old}; this pyro_vae reads version {VERSION}")
     if len(data) < _HEADER.size:
         raise CompressError(f"truncated: {len(data)} bytes, shorter than the header")
-    _, version, precision, n, max_batch, seed_words, data_words, weights, images, run_len = _HEADER.unpack_from(data)
-    if version != VERSION:
-        raise CompressError(f"format version {version}; this pyro_vae reads version {VERSION}")
-    if len(data) < _HEADER.size + run_len:
+    (_, _, precision, k, layers, labelled, n, max_batch, seed_words, data_words, weights, images, run_len,
+     count, widen) = _HEADER.unpack_from(data)
+    if len(data) < _HEADER.size + run_len + 2 * count:
         raise CompressError(f"truncated: {len(data)} bytes, shorter than the header")
     try:
         run = data[_HEADER.size:_HEADER.size + run_len].decode()
     except UnicodeDecodeError:
         raise CompressError("damaged header: the run's path is not text") from None
-    header = Header(run, weights, images, n, precision, max_batch, seed_words, data_words)
+    moments = np.frombuffer(data, dtype="<f2", count=count, offset=_HEADER.size + run_len)
+    header = Header(run, weights, images, n, precision, max_batch, seed_words, data_words, k, layers, bool(labelled),
+                    tuple(float(v) for v in moments), widen)
     expected = header.size + 4 * data_words
     if len(data) < expected:
         raise CompressError(f"truncated: {len(data)} bytes, the header announces {expected}")
-    if len(data) > expected or not (1 <= precision <= 20) or max_batch < 1 or n < 1:
+    if len(data) > expected or not (1 <= precision <= 20) or not 1 <= max_batch <= LARGEST_BATCH or n < 1 \
+            or not 1 <= k <= MAX_K or layers < 1 or labelled > 1 or not np.all(np.isfinite(moments)) \
+            or not 0.5 <= widen <= 4:
         raise CompressError(f"damaged: {len(data)} bytes where the header announces {expected}, "
                             f"or settings out of range")
+    if n > 32 * data_words:
+        raise CompressError(f"damaged: the header claims {n} images, more than the {32 * data_words} bits of "
+                            "coded words can hold (a file holds at least one bit per image)")
+    _check_memory(n * (PIXELS + 8), f"{n} images")
     return header
+
+
+def _check_memory(needed: int, what: str) -> None:
+    """Refuse, before allocating, what would need more than half the memory this machine has available now."""
+    from .evaluate import available_memory
+
+    available = available_memory(torch.device("cpu"))
+    if needed > available // 2:
+        raise CompressError(f"{what} would need {needed / 2 ** 30:.1f} GiB, more than half of the "
+                            f"{available / 2 ** 30:.1f} GiB this machine has available")
+
+
+def _working_bytes(trained: TrainedVAE, max_batch: int, k: int) -> int:
+    """Memory a batch needs: the draws' integer arrays and the networks' activations of one pass."""
+    from .evaluate import activation_bytes
+
+    width = sum(trained.config.layer_dims())
+    per_draw, _ = activation_bytes(trained.vae, torch.zeros(1, *IMAGE_SHAPE, device=trained.device),
+                                   torch.zeros(1, dtype=torch.long) if trained.vae.conditional else None)
+    return max_batch * k * width * 8 * 16 + max(SAMPLES_PER_PASS, max_batch) * per_draw
 
 
 def check_images(images) -> np.ndarray:
@@ -153,6 +617,16 @@ def check_images(images) -> np.ndarray:
     return np.ascontiguousarray(images, dtype=np.uint8)
 
 
+def check_labels(labels, num_images: int) -> np.ndarray:
+    """labels as an int64 array (N,) of digits 0-9; BadImages naming what is wrong."""
+    labels = np.asarray(labels)
+    if labels.shape != (num_images,) or not np.issubdtype(labels.dtype, np.integer):
+        raise BadImages(f"labels must be N = {num_images} integers, not {labels.dtype} {labels.shape}")
+    if labels.size and not (0 <= labels.min() and labels.max() < NUM_CLASSES):
+        raise BadImages(f"labels must be digits 0 to {NUM_CLASSES - 1}, not {labels.min()} .. {labels.max()}")
+    return np.ascontiguousarray(labels, dtype=np.int64)
+
+
 def weights_sha256(vae: torch.nn.Module) -> bytes:
     """SHA-256 of a model's state_dict (names, shapes, dtypes and values), the identity a file records."""
     h = hashlib.sha256()
@@ -163,19 +637,34 @@ def weights_sha256(vae: torch.nn.Module) -> bytes:
     return h.digest()
 
 
-def batch_sizes(num_images: int, working_bits: int, max_batch: int) -> list[int]:
+def _images_sha256(images: np.ndarray, labels: np.ndarray | None) -> bytes:
+    h = hashlib.sha256(images.tobytes())
+    if labels is not None:
+        h.update(labels.astype("<i8").tobytes())
+    return h.digest()
+
+
+def batch_sizes(num_images: int, working_bits: int, max_batch: int, seed_bits: int | None = None) -> list[int]:
     """The batches, in coding order: from one image up to max_batch as the stack grows.
 
-    Popping a batch's z with q(z | x) takes up to working_bits (precision x latent_dim) per image from the
-    stack; the seed holds one image's worth, and each coded image adds at least ASSUMED_BITS_PER_IMAGE. The
-    sizes depend on nothing but the numbers given, so the decoder computes the same batches.
+    A batch pops up to working_bits per image before it pushes; the seed holds seed_bits (default: one image's
+    working bits), and each coded image adds at least ASSUMED_BITS_PER_IMAGE. The sizes depend on nothing but the
+    numbers given, so the decoder computes the same batches.
     """
+    seed_bits = working_bits if seed_bits is None else seed_bits
     sizes, done = [], 0
     while done < num_images:
-        size = max(1, min(max_batch, (working_bits + done * ASSUMED_BITS_PER_IMAGE) // working_bits))
+        size = max(1, min(max_batch, (seed_bits + done * ASSUMED_BITS_PER_IMAGE) // working_bits))
         sizes.append(min(size, num_images - done))
         done += sizes[-1]
     return sizes
+
+
+def _budget(trained: TrainedVAE, k: int) -> tuple[int, int]:
+    """Bits one image pops before it pushes (all its layers' uniforms, and j), and the initial bits: the first
+    layer's alone, since Bit-Swap pays each higher layer's draw with what x and the layer below pushed."""
+    dims, index = trained.config.layer_dims(), FINE_BITS if k > 1 else 0
+    return FINE_BITS * sum(dims) + index, FINE_BITS * dims[0] + index
 
 
 def _seed_words(count: int) -> np.ndarray:
@@ -184,52 +673,25 @@ def _seed_words(count: int) -> np.ndarray:
 
 
 @contextmanager
-def _fixed_threads():
+def _coding(vae: torch.nn.Module):
+    """One thread, and the conv weights channels-last (faster here), while coding; the run as it came after."""
     before = torch.get_num_threads()
     torch.set_num_threads(NUM_THREADS)
+    vae.to(memory_format=torch.channels_last)
     try:
-        yield
+        with torch.no_grad():
+            yield
     finally:
+        vae.to(memory_format=torch.contiguous_format)
         torch.set_num_threads(before)
 
 
-class _Codec:
-    """The entropy models of one run at one precision: q(z | x) on the bins, p(x | z) at their centres, p(z)."""
-
-    def __init__(self, run: TrainedVAE, precision: int):
-        import constriction  # optional for the rest of the package
-
-        model = constriction.stream.model
-        self.run, self.latent_dim, bins = run, run.config.latent_dim, 1 << precision
-        normal = NormalDist()
-        # bin k is [edges[k], edges[k + 1]): prior mass 2^-precision each; its centre halves that mass
-        edges = [-math.inf, *(normal.inv_cdf(k / bins) for k in range(1, bins)), math.inf]
-        self.centres = torch.tensor([normal.inv_cdf((k + 0.5) / bins) for k in range(bins)], dtype=torch.float32)
-        sqrt2 = math.sqrt(2.0)
-
-        def cdf(x, loc, scale):  # constriction asks at x = k + 1/2: q's mass in bins 0..k, Phi((edge - loc) / scale)
-            return 0.5 * math.erfc((loc - edges[min(max(int(x + 0.5), 0), bins)]) / (scale * sqrt2))
-
-        def approximate_inverse_cdf(xi, loc, scale):  # only a starting point: constriction inverts cdf exactly
-            xi = min(max(xi, 1e-300), 1 - 1e-16)
-            return min(max(normal.cdf(loc + scale * normal.inv_cdf(xi)) * bins - 0.5, 0.0), bins - 1.0)
-
-        self.posterior = model.CustomModel(cdf, approximate_inverse_cdf, 0, bins - 1)
-        self.prior = model.Uniform(bins)
-        self.pixels = model.Bernoulli(perfect=False)
-
-    def q(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Loc and scale of q(z | x) for images (B, 28, 28), flattened to (B * latent_dim,) float64."""
-        loc, scale = self.run.encode(torch.from_numpy(x).float().reshape(-1, *IMAGE_SHAPE))
-        return loc.double().numpy().ravel(), scale.double().numpy().ravel()
-
-    def p_x(self, bins: np.ndarray) -> np.ndarray:
-        """The Bernoulli probabilities of p(x | z) at the centres of z's bins (B * latent_dim,): (B * 784,)."""
-        z = self.centres[torch.from_numpy(bins.astype(np.int64))].reshape(-1, self.latent_dim)
-        return self.run.decode(z).double().numpy().ravel()
+def default_k(trained: TrainedVAE) -> int:
+    """DEFAULT_K for a one-layer run, 1 for a hierarchy (coded at its ELBO)."""
+    return DEFAULT_K if trained.config.layers == 1 else 1
 
 
-def _load(run) -> tuple[TrainedVAE, str]:
+def _load(run, k: int | None = None) -> tuple[TrainedVAE, str]:
     """The run to code with (on the CPU) and the path a file records for it."""
     if isinstance(run, TrainedVAE):
         if run.device.type != "cpu":
@@ -240,7 +702,7 @@ def _load(run) -> tuple[TrainedVAE, str]:
         trained, directory = load(run, device="cpu"), run_directory(run).resolve()
         path = str(Path("pretrained") / directory.relative_to(PRETRAINED)) \
             if directory.is_relative_to(PRETRAINED) else str(directory)
-    reason = unsupported(trained)
+    reason = unsupported(trained, default_k(trained) if k is None else k)
     if reason:
         raise CompressError(f"cannot compress with this run: {reason}")
     return trained, path
@@ -250,47 +712,87 @@ def _bar(total: int, desc: str, progress: bool | None) -> tqdm:
     return tqdm(total=total, desc=desc, unit="img", disable=None if progress is None else not progress)
 
 
-def encode(run, images, *, precision: int = PRECISION, max_batch: int = MAX_BATCH,
-           progress: bool | None = None) -> bytes:
-    """Compress binary images (N, 28, 28) losslessly with a run (a path or a loaded run): the file's bytes."""
+def encode(run, images, labels=None, *, k: int | None = None, widen: float | None = None,
+           precision: int = PRECISION, max_batch: int = MAX_BATCH, progress: bool | None = None) -> bytes:
+    """Compress binary images (N, 28, 28) losslessly with a run (a path or a loaded run): the file's bytes.
+
+    A label-conditioned run codes the labels (N,) too. k: importance samples per image (default: default_k);
+    widen: their proposal's deviations over q's (default: DEFAULT_WIDEN with k > 1).
+    """
     images = check_images(images)
-    if not 1 <= precision <= 20:
-        raise CompressError(f"precision must be 1 to 20 bits, not {precision}")
-    if max_batch < 1:
-        raise CompressError(f"max_batch must be at least 1, not {max_batch}")
-    return _encode(*_load(run), images, precision, max_batch, progress)
+    trained, path = _load(run, k)
+    labels = _labels_for(trained, labels, len(images))
+    return _encode(trained, path, images, labels, k=k, widen=widen, precision=precision, max_batch=max_batch,
+                   progress=progress)[0]
 
 
-def _encode(trained: TrainedVAE, path: str, images: np.ndarray, precision: int, max_batch: int,
-            progress: bool | None) -> bytes:
+def _labels_for(trained: TrainedVAE, labels, num_images: int) -> np.ndarray | None:
+    if trained.vae.conditional and labels is None:
+        raise BadImages("this run is label-conditioned (--conditional): give each image's label too")
+    if not trained.vae.conditional and labels is not None:
+        raise BadImages("labels were given, but this run does not model them (it is not --conditional)")
+    return None if labels is None else check_labels(labels, num_images)
+
+
+def setting_problems(k: int | None, widen: float | None, precision: int, max_batch: int) -> list[str]:
+    """Each coding setting out of range, named by its flag; None: the default."""
+    problems = [f"--{name} must be {low} to {high}, not {value}" for name, value, low, high in (
+        ("k", k, 1, MAX_K), ("widen", widen, 0.5, 4), ("precision", precision, 1, 20),
+        ("max-batch", max_batch, 1, LARGEST_BATCH)) if value is not None and not low <= value <= high]
+    if k == 1 and widen not in (None, 1):
+        problems.append(f"--widen {widen} widens the proposal of K > 1 draws; with --k 1 the draw is q's own")
+    return problems
+
+
+def _settings(trained: TrainedVAE, k: int | None, widen: float | None, precision: int, max_batch: int
+              ) -> tuple[int, float]:
+    """K and the widening to code with (the defaults where None), as a file stores them."""
+    problems = setting_problems(k, widen, precision, max_batch)
+    if problems:
+        raise CompressError("; ".join(problems))
+    k = default_k(trained) if k is None else k
+    widen = (DEFAULT_WIDEN if k > 1 else 1.0) if widen is None else widen
+    return k, float(np.float16(widen))
+
+
+def _encode(trained: TrainedVAE, path: str, images: np.ndarray, labels: np.ndarray | None, *, k: int | None = None,
+            widen: float | None = None, precision: int = PRECISION, max_batch: int = MAX_BATCH,
+            progress: bool | None = None) -> tuple[bytes, np.ndarray]:
+    """The file's bytes, and the bound each image was coded at (bits): -log of its own importance estimate."""
     import constriction
 
-    codec = _Codec(trained, precision)
-    working_bits = precision * codec.latent_dim
-    seed_words = -(-working_bits // 32)
+    k, widen = _settings(trained, k, widen, precision, max_batch)
+    _check_memory(_working_bytes(trained, max_batch, k), f"batches of {max_batch} images x {k} draws")
+    working_bits, seed_bits = _budget(trained, k)
+    seed_words = -(-seed_bits // 32)
     coder = constriction.stream.stack.AnsCoder(_seed_words(seed_words), seal=True)
-    start = 0
-    with _fixed_threads(), _bar(len(images), "encode", progress) as bar:
-        for size in batch_sizes(len(images), working_bits, max_batch):
-            x = images[start:start + size]
-            bins = coder.decode(codec.posterior, *codec.q(x))  # the bits back: z ~ q(z | x), drawn from the stack
-            coder.encode_reverse(x.ravel().astype(np.int32), codec.pixels, codec.p_x(bins))
-            coder.encode_reverse(bins, codec.prior)
+    moments = marginals(trained, images, labels)
+    codec, bounds, start = _BitsBack(trained, coder, _grids(trained, precision, moments), k, widen), [], 0
+    with _coding(trained.vae), _bar(len(images), "encode", progress) as bar:
+        for size in batch_sizes(len(images), working_bits, max_batch, 32 * seed_words):
+            bounds.append(codec.encode_batch(images[start:start + size],
+                                             None if labels is None else labels[start:start + size]))
             start += size
             bar.update(size)
     words = coder.get_compressed().astype("<u4")
-    header = Header(path, weights_sha256(trained.vae), hashlib.sha256(images.tobytes()).digest(), len(images),
-                    precision, max_batch, seed_words, len(words))
-    return header.pack() + words.tobytes()
+    if 32 * len(words) < len(images):
+        raise CompressError(f"{len(images)} images coded in {32 * len(words)} bits: the format holds at least one "
+                            "bit per image")
+    header = Header(path, weights_sha256(trained.vae), _images_sha256(images, labels), len(images), precision,
+                    max_batch, seed_words, len(words), k, trained.config.layers, labels is not None, moments, widen)
+    return header.pack() + words.tobytes(), np.concatenate(bounds) / math.log(2)
 
 
-def decode(run, data: bytes, *, progress: bool | None = None) -> np.ndarray:
-    """The images (N, 28, 28) uint8 that encode compressed into data; run None: the run data records."""
+def decode(run, data: bytes, *, labels: bool = False, progress: bool | None = None):
+    """The images (N, 28, 28) uint8 that encode compressed into data; run None: the run data records.
+
+    labels=True: (images, labels), the labels (N,) int64 of a label-conditioned run's file, else None.
+    """
     import constriction
 
     header = read_header(data)
     try:
-        trained, _ = _load(header.run if run is None else run)
+        trained, _ = _load(header.run if run is None else run, header.k)
     except CheckpointError as e:
         raise CompressError(f"encoded with the run {header.run}, which cannot be loaded here ({e}); "
                             "give its path (--run)") from e
@@ -298,65 +800,84 @@ def decode(run, data: bytes, *, progress: bool | None = None) -> np.ndarray:
         used = header.run if run is None else "the run given" if isinstance(run, TrainedVAE) else run
         raise CompressError(f"encoded with the run {header.run} (weights {header.weights_sha256.hex()[:12]}), but "
                             f"the weights of {used} differ ({weights_sha256(trained.vae).hex()[:12]})")
-    codec = _Codec(trained, header.precision)
-    words = np.frombuffer(data, dtype="<u4", offset=header.size).astype(np.uint32)
+    widths = trained.config.layer_dims()
+    if (header.layers, header.labelled, len(header.marginals)) != (len(widths), trained.vae.conditional,
+                                                                    2 * sum(widths)):
+        raise CompressError("damaged header: its layers, labels or latent marginals do not fit the run")
+    _check_memory(_working_bytes(trained, header.max_batch, header.k),
+                  f"batches of {header.max_batch} images x {header.k} draws")
+    working_bits, seed_bits = _budget(trained, header.k)
+    sizes = batch_sizes(header.num_images, working_bits, header.max_batch, 32 * header.seed_words)
     images = np.empty((header.num_images, *IMAGE_SHAPE[1:]), dtype=np.uint8)
-    sizes = batch_sizes(header.num_images, header.precision * codec.latent_dim, header.max_batch)
+    restored = np.empty(header.num_images, dtype=np.int64) if header.labelled else None
     end = header.num_images
     try:
-        coder = constriction.stream.stack.AnsCoder(words)
-        with _fixed_threads(), _bar(header.num_images, "decode", progress) as bar:
+        coder = constriction.stream.stack.AnsCoder(np.frombuffer(data, dtype="<u4", offset=header.size)
+                                                   .astype(np.uint32))
+        codec = _BitsBack(trained, coder, _grids(trained, header.precision, header.marginals), header.k, header.widen)
+        with _coding(trained.vae), _bar(header.num_images, "decode", progress) as bar:
             for size in reversed(sizes):  # a stack: the last batch coded comes off first
-                bins = coder.decode(codec.prior, size * codec.latent_dim)
-                pixels = coder.decode(codec.pixels, codec.p_x(bins)).astype(np.uint8).reshape(size, *IMAGE_SHAPE[1:])
-                coder.encode_reverse(bins, codec.posterior, *codec.q(pixels))  # give the bits back
-                images[end - size:end] = pixels
+                images[end - size:end], batch_labels = codec.decode_batch(size)
+                if restored is not None:
+                    restored[end - size:end] = batch_labels
                 end -= size
                 bar.update(size)
         seed = coder.get_compressed(unseal=True)
-    except (ValueError, RuntimeError, OverflowError, AssertionError) as e:  # constriction on words not its own
+    except (ValueError, RuntimeError, OverflowError, AssertionError, IndexError) as e:  # words not its own
         raise CompressError(f"damaged: the coded words do not decode ({e})") from e
     if not np.array_equal(seed, _seed_words(header.seed_words)) or \
-            hashlib.sha256(images.tobytes()).digest() != header.images_sha256:
+            _images_sha256(images, restored) != header.images_sha256:
         raise CompressError("the decoded images do not match the checksum the file records (damaged, or the "
                             "networks computed other probabilities here: another CPU or torch version?)")
-    return images
+    return (images, restored) if labels else images
 
 
 # The command line
 
 
-def elbo_bits(run: TrainedVAE, images: np.ndarray, batch_size: int = 500, seed: int = 0,
-              progress: bool | None = None) -> np.ndarray:
-    """-ELBO of each image in bits (single-sample, z drawn with this seed), the figure the code length matches."""
+def elbo_bits(run: TrainedVAE, images: np.ndarray, labels: np.ndarray | None = None, batch_size: int = 500,
+              seed: int = 0, progress: bool | None = None) -> np.ndarray:
+    """-ELBO of each image in bits (single-sample, z drawn with this seed); with labels, of image and label."""
     from .evaluate import elbo_per_image
 
     x = torch.from_numpy(images).float().reshape(-1, *IMAGE_SHAPE)
+    y = None if labels is None else torch.from_numpy(labels)
     values = []
     with torch.random.fork_rng(devices=[]), _bar(len(x), "-ELBO", progress) as bar:
         torch.manual_seed(seed)
         for start in range(0, len(x), batch_size):
-            values.append(elbo_per_image(run.vae, x[start:start + batch_size]))
+            values.append(elbo_per_image(run.vae, x[start:start + batch_size],
+                                         None if y is None else y[start:start + batch_size]))
             bar.update(len(values[-1]))
     return -torch.cat(values).double().numpy() / math.log(2)
 
 
-def binarized_test_images(trained: TrainedVAE, limit: int = 0, data_dir: str | None = None) -> np.ndarray:
-    """The run's first `limit` test images (0: all), binarized as evaluation binarizes them: uint8 (N, 28, 28)."""
+def binarized_test_split(trained: TrainedVAE, limit: int = 0, data_dir: str | None = None
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """The run's first `limit` test images (0: all), binarized as evaluation binarizes them: uint8 (N, 28, 28), and
+    their labels (N,) int64."""
     config = trained.config
     data = load_mnist(data_dir or config.data_dir, binarize=config.binarize, download=config.download,
                       test_size=config.test_size, split="test")
-    images = data.test_images[:limit] if limit else data.test_images
-    return images.reshape(-1, *IMAGE_SHAPE[1:]).to(torch.uint8).numpy()
+    images, labels = data.test_images, data.test_labels
+    if limit:
+        images, labels = images[:limit], labels[:limit]
+    return images.reshape(-1, *IMAGE_SHAPE[1:]).to(torch.uint8).numpy(), labels.to(torch.int64).numpy()
 
 
-def _read_images(path: str) -> np.ndarray:
+def binarized_test_images(trained: TrainedVAE, limit: int = 0, data_dir: str | None = None) -> np.ndarray:
+    """The run's first `limit` test images (0: all), binarized as evaluation binarizes them: uint8 (N, 28, 28)."""
+    return binarized_test_split(trained, limit, data_dir)[0]
+
+
+
+def _read_array(path: str, what: str) -> np.ndarray:
     try:
         return np.load(path, allow_pickle=False)
     except OSError as e:
         raise BadImages(f"cannot read {path}: {e.strerror or e}") from e
     except (ValueError, EOFError) as e:
-        raise BadImages(f"{path} is not a .npy array of numbers") from e
+        raise BadImages(f"{path} is not a .npy array of {what}") from e
 
 
 def _check_writable(path: Path) -> None:
@@ -375,6 +896,11 @@ def _write_atomically(path: Path, write) -> None:
         raise CompressError(f"cannot write {path}: {e.strerror or e}") from e
 
 
+def labels_path(out: Path) -> Path:
+    """Where --decode writes the labels of a labelled file: OUT.labels.npy beside OUT.npy."""
+    return out.with_name(out.name.removesuffix(".npy") + ".labels.npy")
+
+
 def general_purpose_bits(images: np.ndarray) -> dict[str, int]:
     """Bits that gzip -9, bz2 -9 and lzma (xz -6) take for the same images, packed 8 pixels to a byte."""
     import bz2
@@ -386,37 +912,49 @@ def general_purpose_bits(images: np.ndarray) -> dict[str, int]:
             "lzma": 8 * len(lzma.compress(packed))}
 
 
-def report(data: bytes, minus_elbo_bits: np.ndarray, seconds: float, others: dict[str, int] | None = None) -> str:
-    """The figures of a compressed file against the model's -ELBO (and other compressors) on the same images."""
+def report(data: bytes, minus_elbo_bits: np.ndarray, seconds: float, others: dict[str, int] | None = None,
+           bound_bits: np.ndarray | None = None) -> str:
+    """The figures of a compressed file against the bound it coded at, the model's -ELBO (and other compressors)."""
     header = read_header(data)
     n, bits = header.num_images, 8 * len(data)
     elbo = minus_elbo_bits.sum()
     initial = 32 * (header.seed_words + 1)  # the seed words and the word constriction's seal adds
     overhead = f"{100 * (bits - elbo) / elbo:+.2f}%: header {8 * header.size} bits, initial bits {initial}"
-    rows = [("bits-back ANS (file)", bits, ""), ("-ELBO (same images)", elbo, ""), ("overhead", bits - elbo, overhead),
+    bound = [] if bound_bits is None else [
+        (f"bound coded, K = {header.k}", bound_bits.sum(), "-log of each image's own estimate" if header.k > 1 else
+         "log q - log p at each image's own draw")]
+    rows = [("bits-back ANS (file)", bits, ""), *bound, ("-ELBO (same images)", elbo, ""),
+            ("file - (-ELBO)", bits - elbo, overhead),
             *((name, b, "same bits, packed") for name, b in (others or {}).items())]
-    lines = [f"  {n} images in {len(data)} bytes, encoded in {seconds:.1f} s",
-             f"  {'':22s} {'bits/image':>11s} {'bits/pixel':>11s}"]
-    lines += [f"  {name:22s} {b / n:11.2f} {b / (n * PIXELS):11.4f}   {note}".rstrip() for name, b, note in rows]
+    lines = [f"  {n} images{' and labels' if header.labelled else ''} in {len(data)} bytes, K = {header.k}, "
+             f"encoded in {seconds:.1f} s", f"  {'':26s} {'bits/image':>11s} {'bits/pixel':>11s}"]
+    lines += [f"  {name:26s} {b / n:11.2f} {b / (n * PIXELS):11.4f}   {note}".rstrip() for name, b, note in rows]
     return "\n".join(lines)
 
 
 def build_parser(prog: str = "python -m pyro_vae.compress") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
-        usage=f"{prog} RUN FILE [--images IN.npy] [--limit N]\n"
+        usage=f"{prog} RUN FILE [--images IN.npy [--labels L.npy]] [--limit N] [--k K]\n"
               f"       {prog} --decode FILE OUT.npy [--run RUN]",
         description="Compress binary MNIST losslessly with bits-back ANS from a trained run's model and guide, "
-                    "or (--decode) restore the images. By default the run's first N test images, binarized as "
+                    "or (--decode) restore the images (and, for a label-conditioned run, their labels into "
+                    "OUT.labels.npy). By default the run's first N test images (and labels), binarized as "
                     "evaluation binarizes them.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("paths", nargs=2, metavar="PATH", help="RUN FILE to encode; with --decode, FILE OUT.npy")
     parser.add_argument("--decode", action="store_true", help="restore the images of FILE into OUT.npy")
     parser.add_argument("--images", default=None, help="a .npy uint8 array (N, 28, 28) of 0 and 1 to encode")
+    parser.add_argument("--labels", default=None, help="with --images and a label-conditioned run: a .npy array "
+                                                       "(N,) of their digits")
     parser.add_argument("--limit", type=int, default=0, help="encode the first N test images (0: all)")
+    parser.add_argument("--k", type=int, default=None,
+                        help=f"importance samples per image (default: {DEFAULT_K} for one layer, 1 for a hierarchy)")
+    parser.add_argument("--widen", type=float, default=None,
+                        help=f"with --k 2 or more: the draws' deviations over q's (default: {DEFAULT_WIDEN})")
     parser.add_argument("--precision", type=int, default=PRECISION, help="2^P bins per latent dimension")
-    parser.add_argument("--max-batch", type=int, default=MAX_BATCH, help="most images per network call")
+    parser.add_argument("--max-batch", type=int, default=MAX_BATCH, help="most images per batch")
     parser.add_argument("--data-dir", default=None, help="where MNIST is unpacked (default: the run's --data-dir)")
     parser.add_argument("--run", default=None, help="with --decode: the run to use instead of the one FILE records")
     return parser
@@ -425,16 +963,20 @@ def build_parser(prog: str = "python -m pyro_vae.compress") -> argparse.Argument
 def _encode_command(args) -> None:
     run, file = args.paths[0], Path(args.paths[1])
     _check_writable(file)
-    images = check_images(_read_images(args.images)) if args.images else None
-    trained, path = _load(run)
+    images = check_images(_read_array(args.images, "numbers")) if args.images else None
+    labels = _read_array(args.labels, "digits") if args.labels else None
+    trained, path = _load(run, args.k)
     if images is None:
-        images = binarized_test_images(trained, args.limit, args.data_dir)
+        images, test_labels = binarized_test_split(trained, args.limit, args.data_dir)
+        labels = test_labels if trained.vae.conditional else None
+    labels = _labels_for(trained, labels, len(images))
     started = time.perf_counter()
-    data = _encode(trained, path, images, args.precision, args.max_batch, None)
+    data, bound = _encode(trained, path, images, labels, k=args.k, widen=args.widen, precision=args.precision,
+                          max_batch=args.max_batch)
     seconds = time.perf_counter() - started
     _write_atomically(file, lambda f: f.write(data))
     print(f"pyro_vae.compress: {run} -> {file}")
-    print(report(data, elbo_bits(trained, images), seconds, general_purpose_bits(images)))
+    print(report(data, elbo_bits(trained, images, labels), seconds, general_purpose_bits(images), bound))
 
 
 def _decode_command(args) -> None:
@@ -446,11 +988,15 @@ def _decode_command(args) -> None:
     except OSError as e:
         raise CompressError(f"cannot read {file}: {e.strerror or e}") from e
     try:
-        images = decode(args.run, data)
+        images, labels = decode(args.run, data, labels=True)
     except CompressError as e:
         raise CompressError(f"{file}: {e}") from e
-    _write_atomically(out, lambda f: np.save(f, images))  # only images that passed the checksum
-    print(f"pyro_vae.compress: restored {len(images)} images from {file} into {out} "
+    # only images that passed the checksum; the labels first, so that OUT.npy exists only beside its labels
+    if labels is not None:
+        _write_atomically(labels_path(out), lambda f: np.save(f, labels))
+    _write_atomically(out, lambda f: np.save(f, images))
+    print(f"pyro_vae.compress: restored {len(images)} images{' and labels' if labels is not None else ''} from "
+          f"{file} into {out}{f' and {labels_path(out)}' if labels is not None else ''} "
           f"in {time.perf_counter() - started:.1f} s")
 
 
@@ -458,17 +1004,19 @@ def main(argv=None, prog: str = "python -m pyro_vae.compress") -> int:
     """The command line: exit 2 on bad flags or images, 1 on a file, run or model that cannot be used."""
     parser = build_parser(prog)
     args = parser.parse_args(argv)
-    if args.decode and (args.images or args.limit):
-        parser.error("--images and --limit are for encoding, not --decode")
+    if args.decode and (args.images or args.labels or args.limit or args.k is not None or args.widen is not None):
+        parser.error("--images, --labels, --limit, --k and --widen are for encoding, not --decode")
     if not args.decode and args.run:
         parser.error("--run is for --decode; to encode, RUN is the first path")
     if args.images and args.limit:
         parser.error("--limit takes test images; with --images, give only the images to encode")
-    for flag, value, low, high in (("--limit", args.limit, 0, None), ("--precision", args.precision, 1, 20),
-                                   ("--max-batch", args.max_batch, 1, None)):
-        if value < low or (high is not None and value > high):
-            parser.error(f"{flag} must be {low} to {high}, not {value}" if high else
-                         f"{flag} must be at least {low}, not {value}")
+    if args.labels and not args.images:
+        parser.error("--labels goes with --images (test images come with their own labels)")
+    if args.limit < 0:
+        parser.error(f"--limit must be at least 0, not {args.limit}")
+    problems = setting_problems(args.k, args.widen, args.precision, args.max_batch)
+    if problems:
+        parser.error(problems[0])
     try:
         (_decode_command if args.decode else _encode_command)(args)
     except KeyboardInterrupt:
