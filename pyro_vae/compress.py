@@ -51,6 +51,7 @@ from tqdm import tqdm
 
 from .checkpoint import PRETRAINED, CheckpointError, load, run_directory, write_atomically
 from .data import IMAGE_SHAPE, NUM_CLASSES, DataError, load_mnist
+from .likelihoods import AutoregressiveBernoulli
 from .trained import TrainedVAE
 
 MAGIC = b"PVAEBB"  # pyro_vae bits-back
@@ -110,13 +111,18 @@ def _independent_bernoulli(d) -> bool:
     return isinstance(d, dist.Independent) and type(d.base_dist) is dist.Bernoulli
 
 
+def _binary_pixels(d) -> bool:
+    """Whether d codes binary pixels: independent given z, or each given the ones before it (pixel by pixel)."""
+    return _independent_bernoulli(d) or isinstance(d, AutoregressiveBernoulli)
+
+
 def unsupported(run: TrainedVAE, k: int = 1) -> str | None:
     """Why the codec cannot compress with this run (with k importance samples), in one line naming the flag; None
     when it can.
 
     Asked of the run's model and guide traced on two blank images: every latent site must be a diagonal Gaussian
     in both (its bins are coded one dimension at a time), the guide must go bottom-up, q(z | x) q(z2 | z) ...
-    (Bit-Swap's order), and p(x | z) must be Bernoulli pixels.
+    (Bit-Swap's order), and p(x | z) must be Bernoulli pixels, independent given z or each given the ones before.
     """
     vae, config = run.vae, run.config
     x = torch.zeros(2, *IMAGE_SHAPE, device=run.device)
@@ -137,9 +143,9 @@ def unsupported(run: TrainedVAE, k: int = 1) -> str | None:
                        "per-dimension bins (docs/compression.md)" if isinstance(d, dist.TransformedDistribution)
                        else f"the bins code {density} one dimension at a time, as a diagonal Gaussian")
                 return f"--{flag} {value}: {why}; --{flag} normal is coded"
-    if not _independent_bernoulli(model.nodes["x"]["fn"]):
-        return (f"--likelihood {config.likelihood}: pixels are coded as independent bits given z "
-                "(--likelihood bernoulli)")
+    if not _binary_pixels(model.nodes["x"]["fn"]):
+        return (f"--likelihood {config.likelihood}: pixels are coded as bits given z "
+                "(--likelihood bernoulli or pixelcnn)")
     if k > 1 and len(latents) > 1:
         return (f"--layers {len(latents)} with --k {k}: importance sampling is coded for one stochastic layer; a "
                 "hierarchy codes at its ELBO (--k 1)")
@@ -296,22 +302,39 @@ def _push_bins(coder, k: np.ndarray, bins: _Bins, draw: bool) -> None:
 
 
 def _pixel_probabilities(likelihood: dist.Distribution, batch: int) -> np.ndarray:
-    """P(pixel = 1 | z) of independent Bernoulli pixels, (784, B) float64: pixel-major, the order a decoder that
-    needs the pixels before each one (an autoregressive likelihood) would pop them in."""
+    """P(pixel = 1 | z) of independent Bernoulli pixels, (784, B) float64: pixel-major, the order the
+    autoregressive likelihood's pixels are popped in."""
     probs = likelihood.base_dist.probs.expand(batch, *IMAGE_SHAPE)
     return probs.reshape(batch, PIXELS).T.double().numpy()
 
 
+def _probability(logit: torch.Tensor) -> np.ndarray:
+    """P(pixel = 1) from a logit, as encoder and decoder both compute it."""
+    return torch.sigmoid(logit).double().numpy()
+
+
 def _push_pixels(coder, x: np.ndarray, likelihood: dist.Distribution) -> None:
-    probs = _pixel_probabilities(likelihood, len(x))
+    """Push images (B, 28, 28) with p(x | z): each pixel's probability from z alone, or (the autoregressive
+    likelihood) given the pixels before it, from the pixel loop the decoder runs, filled with the known pixels."""
+    if isinstance(likelihood, AutoregressiveBernoulli):
+        known, rows = torch.from_numpy(x).to(likelihood.features.dtype), []
+        likelihood.fill(lambda i, j, logit: rows.append(_probability(logit)) or known[:, i, j], (len(x),))
+        probs = np.stack(rows)
+    else:
+        probs = _pixel_probabilities(likelihood, len(x))
     pixels = x.reshape(len(x), PIXELS).T.ravel().astype(np.int32)
     coder.encode_reverse(pixels, _models().Bernoulli(perfect=False), probs.ravel())
 
 
 def _pop_pixels(coder, likelihood: dist.Distribution, batch: int) -> np.ndarray:
-    """Images (B, 28, 28) uint8 popped with p(x | z): all pixels at once, since each is independent given z."""
-    probs = _pixel_probabilities(likelihood, batch)
-    pixels = coder.decode(_models().Bernoulli(perfect=False), probs.ravel()).astype(np.uint8)
+    """Images (B, 28, 28) uint8 popped with p(x | z): all pixels at once where each is independent given z, else
+    pixel by pixel (the first pixel of every image, then the second ...)."""
+    model = _models().Bernoulli(perfect=False)
+    if isinstance(likelihood, AutoregressiveBernoulli):
+        filled = likelihood.fill(lambda i, j, logit: torch.from_numpy(coder.decode(model, _probability(logit))),
+                                 (batch,))
+        return filled.reshape(batch, *IMAGE_SHAPE[1:]).to(torch.uint8).numpy()
+    pixels = coder.decode(model, _pixel_probabilities(likelihood, batch).ravel()).astype(np.uint8)
     return np.ascontiguousarray(pixels.reshape(PIXELS, batch).T).reshape(batch, *IMAGE_SHAPE[1:])  # as encoded: the
     # networks and the sums over pixels must see the same memory layout on both sides
 

@@ -106,24 +106,37 @@ class AutoregressiveBernoulli(TorchDistribution):
 
     @torch.no_grad()
     def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
-        """Images drawn pixel by pixel: x_i = 1 where u_i < sigmoid(logit_i given x_<i), u ~ Uniform(0, 1) per pixel.
-
-        Each pixel's logit comes from the network run on a window around it as wide as its receptive field, which
-        gives the logit of the whole image's pass (zero padding only where the window meets the image's border).
-        """
+        """Images drawn pixel by pixel: x_i = 1 where u_i < sigmoid(logit_i given x_<i), u ~ Uniform(0, 1) per pixel."""
         shape = self._extended_shape(sample_shape)
-        features = self._flat_features(shape[:-3])
-        uniforms = torch.rand(features.shape[0], *IMAGE_SHAPE, device=features.device, dtype=features.dtype)
-        x = torch.zeros_like(uniforms)
+        uniforms = torch.rand(shape[:-3].numel(), *IMAGE_SHAPE, device=self.features.device,
+                              dtype=self.features.dtype)
+        x = self.fill(lambda i, j, logit: (uniforms[:, 0, i, j] < torch.sigmoid(logit)).to(uniforms.dtype),
+                      shape[:-3])
+        return x.reshape(shape)
+
+    @torch.no_grad()
+    def fill(self, pixel, batch_shape=None) -> torch.Tensor:
+        """The pixel loop: images (N, 1, 28, 28), N = batch_shape's size (default: this distribution's), filled in
+        raster order with x[:, 0, i, j] = pixel(i, j, logit), where logit (N,) is pixel (i, j)'s given the pixels
+        filled before it. sample() draws each pixel so; the codec (compress.py) pushes or pops it.
+
+        Each logit comes from the network run on a window around the pixel as wide as its receptive field, which
+        gives the logit of the whole image's pass (zero padding only where the window meets the image's border).
+        The pixels not yet filled are 0 in every window, so whoever fills the same pixels gets the same logits bit
+        for bit, whatever the pixels to come.
+        """
+        features = self._flat_features(self.batch_shape if batch_shape is None else batch_shape)
+        condition = self.net.condition(features)  # z's term in each layer, for the whole image at once
+        x = torch.zeros(features.shape[0], *IMAGE_SHAPE, device=features.device, dtype=features.dtype)
         radius, (_, height, width) = self.net.receptive_radius, IMAGE_SHAPE
         for i in range(height):
             top = max(0, i - radius)
             for j in range(width):
                 left, right = max(0, j - radius), min(width, j + radius + 1)
                 window = (..., slice(top, i + 1), slice(left, right))
-                logit = self.net(x[window], features[window])[:, 0, i - top, j - left]  # (N,)
-                x[:, 0, i, j] = (uniforms[:, 0, i, j] < torch.sigmoid(logit)).to(x.dtype)
-        return x.reshape(shape)
+                logit = self.net.given(x[window], condition[window])[:, 0, i - top, j - left]  # (N,)
+                x[:, 0, i, j] = pixel(i, j, logit)
+        return x
 
 
 class PixelCNNBernoulli(Likelihood):

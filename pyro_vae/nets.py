@@ -243,7 +243,12 @@ class PixelCNN(nn.Module):
         self.receptive_radius = (layers + 1) * (kernel // 2)
 
     def forward(self, x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        terms = self.condition(features).chunk(len(self.layers) + 1, dim=1)
+        return self.given(x, self.condition(features))
+
+    def given(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        """The logits from x and the feature map's term in each layer, self.condition(features): pointwise, so a
+        window of it serves a window of x (the pixel loop computes it once per image)."""
+        terms = condition.chunk(len(self.layers) + 1, dim=1)
         h = F.relu(self.first(x) + terms[0])
         for layer, term in zip(self.layers, terms[1:]):
             h = h + F.relu(layer(h) + term)

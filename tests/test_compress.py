@@ -31,7 +31,9 @@ FAMILIES = {  # each supported family: a small config, and the K it is coded wit
     "one layer, K = 4": (dict(), 4),
     "two layers": (dict(layers=2, upper_dims=(2,)), 1),
     "conditional, K = 2": (dict(conditional=True), 2),
+    "autoregressive, K = 2": (dict(likelihood="pixelcnn", pixelcnn_channels=4, pixelcnn_layers=1), 2),
 }
+AUTOREGRESSIVE = dict(likelihood="pixelcnn", pixelcnn_channels=4, pixelcnn_layers=1)  # a tiny PixelCNN
 
 
 def mnist_test_images(data_dir, n: int) -> np.ndarray:
@@ -102,6 +104,36 @@ def test_hierarchies_and_labels_round_trip_exactly(small_file, data_dir, change,
         assert restored_labels is None
     else:
         np.testing.assert_array_equal(restored_labels, labels)
+
+
+@pytest.mark.parametrize("change, k", [(AUTOREGRESSIVE, 2), ({**AUTOREGRESSIVE, "layers": 2, "upper_dims": (3,)}, 1)])
+def test_autoregressive_pixels_round_trip_exactly(small_file, change, k):
+    """Pixels popped one at a time, each given the ones before it: a digit, noise, all white (the CLI's test in
+    another process codes 150 digits)."""
+    images = small_file[0][[39, 40, 44]]
+    run = untrained(**change)
+    np.testing.assert_array_equal(decode(run, encode(run, images, k=k, max_batch=2)), images)
+
+
+class Pushed:
+    """A stand-in for the ANS coder that keeps what is pushed: (symbols, probabilities of a 1)."""
+
+    def encode_reverse(self, symbols, model, probs):
+        self.symbols, self.probs = symbols, probs
+
+
+def test_the_autoregressive_pixels_cost_what_the_likelihoods_log_prob_says(data_dir):
+    """The pixel loop's probabilities (each pixel on a window given the ones before it, as the decoder will compute
+    them) are those of log_prob's one parallel pass: coding x costs -log2 p(x | z) bits."""
+    run, images = untrained(**AUTOREGRESSIVE), mnist_test_images(data_dir, 3)
+    with torch.no_grad():
+        likelihood = run.vae.likelihood(run.vae.decoder(torch.randn(3, 4)))
+        nats = -likelihood.log_prob(torch.from_numpy(images).float().unsqueeze(1)).double()
+    coder = Pushed()
+    compress._push_pixels(coder, images, likelihood)
+    assert np.array_equal(coder.symbols, images.reshape(3, -1).T.ravel())  # pixel-major: the decoder's order
+    p_symbol = np.where(coder.symbols == 1, coder.probs, 1 - coder.probs).reshape(-1, 3)
+    np.testing.assert_allclose(-np.log(p_symbol).sum(0), nats.numpy(), rtol=1e-5)
 
 
 def test_the_file_records_its_run_and_the_weights(small_file, conv32):

@@ -1,11 +1,12 @@
 """The autoregressive likelihood (--likelihood pixelcnn): exact per-pixel conditionals, masks, sampling, the CLI."""
 
 import json
-import subprocess
 import sys
 
 import pytest
 import torch
+
+import processes
 
 from pyro_vae import Config, build_vae
 from pyro_vae.likelihoods import AutoregressiveBernoulli, PixelCNNBernoulli
@@ -98,25 +99,31 @@ def test_the_model_keeps_its_line_and_the_decoder_gives_the_feature_map():
     assert isinstance(vae.likelihood.net, PixelCNN) and vae.likelihood.net.receptive_radius == 2
 
 
+def _checked(args, timeout: float):
+    done = processes.run(args, timeout=timeout)
+    assert done.returncode == 0, done.stderr
+    return done
+
+
 @pytest.mark.slow
 def test_train_evaluate_and_plot_a_pixelcnn_run_through_the_clis(data_dir, tmp_path):
     run = tmp_path / "run"
     common = [sys.executable, "-m"]
-    subprocess.run(common + ["pyro_vae.train", "--likelihood", "pixelcnn", "--pixelcnn-channels", "4",
+    _checked(common + ["pyro_vae.train", "--likelihood", "pixelcnn", "--pixelcnn-channels", "4",
                              "--pixelcnn-layers", "1", "--latent-dim", "4", "--conv-channels", "8", "16",
                              "--epochs", "2", "--batch-size", "64", "--train-size", "256", "--test-size", "64",
                              "--data-dir", str(data_dir), "--device", "cpu", "--out", str(run)],
-                   check=True, capture_output=True, text=True, timeout=300)
+                   timeout=300)
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [line["epoch"] for line in lines] == [1, 2] and (run / "images" / "samples_002.png").is_file()
-    evaluated = subprocess.run(common + ["pyro_vae.evaluate", str(run), "--k", "5", "--limit", "16"],
-                               check=True, capture_output=True, text=True, timeout=300)
+    evaluated = _checked(common + ["pyro_vae.evaluate", str(run), "--k", "5", "--limit", "16"],
+                               timeout=300)
     figures = json.loads((run / "evaluation.json").read_text())
     assert figures["num_images"] == 16 and figures["k"] == 5 and figures["likelihood"] == "pixelcnn"
     assert f"{figures['log_px']['mean']:.2f}" in evaluated.stdout
     # the ELBO's two parts come from the same draws: E_q log p(x | z) of the autoregressive pass, and the KL
     elbo, reconstruction, kl = (figures[name]["mean"] for name in ("elbo", "reconstruction", "kl"))
     assert abs(elbo - (reconstruction - kl)) < 1e-3 and reconstruction < 0 < kl
-    plotted = subprocess.run(common + ["pyro_vae.plot", str(run), "--out", str(tmp_path / "plots")],
-                             check=True, capture_output=True, text=True, timeout=300)
+    plotted = _checked(common + ["pyro_vae.plot", str(run), "--out", str(tmp_path / "plots")],
+                             timeout=300)
     assert "draws_given_z.png" in plotted.stdout and (tmp_path / "plots" / "draws_given_z.png").is_file()
