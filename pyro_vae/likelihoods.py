@@ -120,7 +120,7 @@ class AutoregressiveBernoulli(TorchDistribution):
         raster order with x[:, 0, i, j] = pixel(i, j, logit), where logit (N,) is pixel (i, j)'s given the pixels
         filled before it. sample() draws each pixel so; the codec (compress.py) pushes or pops it.
 
-        Each logit comes from the network run on a window around the pixel as wide as its receptive field, which
+        Each logit comes from the network run on the pixel's receptive window alone (PixelCNN.logit_at), which
         gives the logit of the whole image's pass (zero padding only where the window meets the image's border).
         The pixels not yet filled are 0 in every window, so whoever fills the same pixels gets the same logits bit
         for bit, whatever the pixels to come.
@@ -128,14 +128,10 @@ class AutoregressiveBernoulli(TorchDistribution):
         features = self._flat_features(self.batch_shape if batch_shape is None else batch_shape)
         condition = self.net.condition(features)  # z's term in each layer, for the whole image at once
         x = torch.zeros(features.shape[0], *IMAGE_SHAPE, device=features.device, dtype=features.dtype)
-        radius, (_, height, width) = self.net.receptive_radius, IMAGE_SHAPE
+        _, height, width = IMAGE_SHAPE
         for i in range(height):
-            top = max(0, i - radius)
             for j in range(width):
-                left, right = max(0, j - radius), min(width, j + radius + 1)
-                window = (..., slice(top, i + 1), slice(left, right))
-                logit = self.net.given(x[window], condition[window])[:, 0, i - top, j - left]  # (N,)
-                x[:, 0, i, j] = pixel(i, j, logit)
+                x[:, 0, i, j] = pixel(i, j, self.net.logit_at(x, condition, i, j))
         return x
 
 

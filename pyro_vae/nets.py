@@ -253,3 +253,29 @@ class PixelCNN(nn.Module):
         for layer, term in zip(self.layers, terms[1:]):
             h = h + F.relu(layer(h) + term)
         return self.out(h)
+
+    def logit_at(self, x: torch.Tensor, condition: torch.Tensor, row: int, col: int) -> torch.Tensor:
+        """The logit of pixel (row, col), (N,): given(x, condition)[:, 0, row, col], each layer computed only where
+        the layers after it read it (the last at the pixel alone, each one before it a kernel's reach wider).
+        What it reads of x lies in the receptive window: rows up to `receptive_radius` above, as many columns
+        either side. The pixel loop of AutoregressiveBernoulli calls it once per pixel."""
+        step, width = self.first.padding[0], x.shape[-1]
+
+        def box(reach: int) -> tuple[int, int, int]:  # top, left, right of the rows above (row, col) and its own
+            return max(0, row - reach), max(0, col - reach), min(width, col + reach + 1)
+
+        def part(t: torch.Tensor, reach: int) -> torch.Tensor:  # of a whole map
+            top, left, right = box(reach)
+            return t[..., top:row + 1, left:right]
+
+        def narrow(t: torch.Tensor, reach: int) -> torch.Tensor:  # t spans box(reach + step): its part in box(reach)
+            (top, left, _), (inner_top, inner_left, inner_right) = box(reach + step), box(reach)
+            return t[..., inner_top - top:, inner_left - left:inner_right - left]
+
+        terms = condition.chunk(len(self.layers) + 1, dim=1)
+        reach = len(self.layers) * step
+        h = F.relu(narrow(self.first(part(x, reach + step)), reach) + part(terms[0], reach))
+        for layer, term in zip(self.layers, terms[1:]):
+            reach -= step
+            h = narrow(h, reach) + F.relu(narrow(layer(h), reach) + part(term, reach))
+        return self.out(h)[:, 0, 0, 0]

@@ -62,6 +62,18 @@ def test_each_logit_depends_on_the_pixels_before_it_within_the_receptive_field_o
         assert (jacobian[inner, [i - neighbour for i in inner]] != 0).float().mean() > 0.5
 
 
+@pytest.mark.parametrize("layers, kernel", [(0, 3), (3, 3), (2, 5)])
+def test_the_logit_of_one_pixel_is_the_whole_images_at_every_pixel(layers, kernel):
+    """logit_at (the pixel loop's: each layer only where the layers after it read it) gives the whole pass's logit,
+    at the borders and corners too."""
+    net = _likelihood(layers=layers, kernel=kernel).net
+    x, condition = _images(2), net.condition(torch.randn(2, 3, 28, 28, dtype=torch.float64))
+    whole = net.given(x, condition)[:, 0]
+    one_at_a_time = torch.stack([torch.stack([net.logit_at(x, condition, i, j) for j in range(28)], -1)
+                                 for i in range(28)], -2)
+    torch.testing.assert_close(one_at_a_time, whole, rtol=0, atol=1e-12)
+
+
 def test_sample_draws_each_pixel_from_its_conditional_given_the_pixels_drawn_before_it():
     likelihood = _likelihood(channels=2, layers=1)
     features = torch.randn(3, 2, 28, 28, dtype=torch.float64)
