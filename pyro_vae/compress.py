@@ -106,14 +106,11 @@ def _diagonal_normal(d) -> bool:
     return isinstance(d, dist.Independent) and type(d.base_dist) is dist.Normal and d.reinterpreted_batch_ndims == 1
 
 
-def _independent_bernoulli(d) -> bool:
-    """Whether d gives each pixel its own Bernoulli given z (its pixels can be coded all at once)."""
-    return isinstance(d, dist.Independent) and type(d.base_dist) is dist.Bernoulli
-
-
 def _binary_pixels(d) -> bool:
-    """Whether d codes binary pixels: independent given z, or each given the ones before it (pixel by pixel)."""
-    return _independent_bernoulli(d) or isinstance(d, AutoregressiveBernoulli)
+    """Whether d codes binary pixels: each its own Bernoulli given z (coded all at once), or each given the ones
+    before it (pixel by pixel)."""
+    independent = isinstance(d, dist.Independent) and type(d.base_dist) is dist.Bernoulli
+    return independent or isinstance(d, AutoregressiveBernoulli)
 
 
 def unsupported(run: TrainedVAE, k: int = 1) -> str | None:
@@ -318,7 +315,12 @@ def _push_pixels(coder, x: np.ndarray, likelihood: dist.Distribution) -> None:
     likelihood) given the pixels before it, from the pixel loop the decoder runs, filled with the known pixels."""
     if isinstance(likelihood, AutoregressiveBernoulli):
         known, rows = torch.from_numpy(x).to(likelihood.features.dtype), []
-        likelihood.fill(lambda i, j, logit: rows.append(_probability(logit)) or known[:, i, j], (len(x),))
+
+        def known_pixel(i: int, j: int, logit: torch.Tensor) -> torch.Tensor:
+            rows.append(_probability(logit))  # pixel (i, j)'s probabilities, in the order the decoder pops them
+            return known[:, i, j]
+
+        likelihood.fill(known_pixel, (len(x),))
         probs = np.stack(rows)
     else:
         probs = _pixel_probabilities(likelihood, len(x))

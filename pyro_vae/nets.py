@@ -243,20 +243,16 @@ class PixelCNN(nn.Module):
         self.receptive_radius = (layers + 1) * (kernel // 2)
 
     def forward(self, x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        return self.given(x, self.condition(features))
-
-    def given(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-        """The logits from x and the feature map's term in each layer, self.condition(features): pointwise, so a
-        window of it serves a window of x (the pixel loop computes it once per image)."""
-        terms = condition.chunk(len(self.layers) + 1, dim=1)
+        terms = self.condition(features).chunk(len(self.layers) + 1, dim=1)
         h = F.relu(self.first(x) + terms[0])
         for layer, term in zip(self.layers, terms[1:]):
             h = h + F.relu(layer(h) + term)
         return self.out(h)
 
     def logit_at(self, x: torch.Tensor, condition: torch.Tensor, row: int, col: int) -> torch.Tensor:
-        """The logit of pixel (row, col), (N,): given(x, condition)[:, 0, row, col], each layer computed only where
-        the layers after it read it (the last at the pixel alone, each one before it a kernel's reach wider).
+        """The logit of pixel (row, col), (N,): self(x, features)[:, 0, row, col], from condition =
+        self.condition(features) (pointwise: the pixel loop computes it once per image), each layer computed only
+        where the layers after it read it (the last at the pixel alone, each one before it a kernel's reach wider).
         What it reads of x lies in the receptive window: rows up to `receptive_radius` above, as many columns
         either side. The pixel loop of AutoregressiveBernoulli calls it once per pixel."""
         step, width = self.first.padding[0], x.shape[-1]

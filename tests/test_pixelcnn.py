@@ -67,8 +67,8 @@ def test_the_logit_of_one_pixel_is_the_whole_images_at_every_pixel(layers, kerne
     """logit_at (the pixel loop's: each layer only where the layers after it read it) gives the whole pass's logit,
     at the borders and corners too."""
     net = _likelihood(layers=layers, kernel=kernel).net
-    x, condition = _images(2), net.condition(torch.randn(2, 3, 28, 28, dtype=torch.float64))
-    whole = net.given(x, condition)[:, 0]
+    x, features = _images(2), torch.randn(2, 3, 28, 28, dtype=torch.float64)
+    whole, condition = net(x, features)[:, 0], net.condition(features)
     one_at_a_time = torch.stack([torch.stack([net.logit_at(x, condition, i, j) for j in range(28)], -1)
                                  for i in range(28)], -2)
     torch.testing.assert_close(one_at_a_time, whole, rtol=0, atol=1e-12)
