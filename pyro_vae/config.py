@@ -81,6 +81,9 @@ class Config:
     pixelcnn_kernel: int = _opt(3, "with --likelihood pixelcnn: kernel size of its masked convolutions (odd); "
                                    "each pixel sees (layers + 1) * (kernel // 2) rows above and columns either side",
                                 minimum=3)
+    pixelcnn_gated: bool = _opt(False, "with --likelihood pixelcnn: gated residual layers, tanh(a) * sigmoid(b) of a "
+                                       "masked convolution to twice the channels (van den Oord et al. 2016's "
+                                       "conditional PixelCNN), in place of relu")
     guide: str = _opt("normal", "q(z | x), the posterior family: a class in guides.GUIDES; with --layers 2 or more "
                                 "the bottom-up q(z_1 | x) q(z_2 | z_1) ... (normal, iaf on z_1), or ladder: a "
                                 "bottom-up pass merged top-down with p(z_l | z_l+1) (Sonderby et al. 2016)",

@@ -139,15 +139,15 @@ class PixelCNNBernoulli(Likelihood):
     """Bernoulli pixels, each given the pixels before it and z: a small PixelCNN on the decoder's feature map."""
 
     fits = ("dynamic", "threshold")
-    settings = ("pixelcnn_channels", "pixelcnn_layers", "pixelcnn_kernel")
+    settings = ("pixelcnn_channels", "pixelcnn_layers", "pixelcnn_kernel", "pixelcnn_gated")
 
-    def __init__(self, channels: int, layers: int, kernel: int):
+    def __init__(self, channels: int, layers: int, kernel: int, gated: bool = False):
         super().__init__()
-        self.net = PixelCNN(channels, layers, kernel)
+        self.net = PixelCNN(channels, layers, kernel, gated)
 
     @classmethod
     def from_config(cls, config) -> PixelCNNBernoulli:
-        return cls(config.pixelcnn_channels, config.pixelcnn_layers, config.pixelcnn_kernel)
+        return cls(config.pixelcnn_channels, config.pixelcnn_layers, config.pixelcnn_kernel, config.pixelcnn_gated)
 
     @classmethod
     def decoder_channels(cls, config) -> int:

@@ -231,22 +231,35 @@ class PixelCNN(nn.Module):
     include it; the feature map enters every layer through a 1x1 convolution. Pixel (i, j) sees the pixels of x
     up to `receptive_radius` rows above and columns either side of it, before it in raster order, and nothing else:
     a small window leaves the image's global shape to z (Chen et al. 2017, the Variational Lossy Autoencoder).
+    With `gated`, each residual layer is van den Oord et al. (2016)'s gate: its masked convolution (and the feature
+    map's term) has twice the channels, a and b, and adds tanh(a) * sigmoid(b) in place of relu(.); the window is
+    the same.
     """
 
-    def __init__(self, channels: int, layers: int, kernel: int):
+    def __init__(self, channels: int, layers: int, kernel: int, gated: bool = False):
         super().__init__()
+        width = 2 * channels if gated else channels  # a residual layer's output: (a, b) gated, else one map
         self.first = MaskedConv2d(1, channels, kernel, include_centre=False)
-        self.layers = nn.ModuleList(MaskedConv2d(channels, channels, kernel, include_centre=True)
+        self.layers = nn.ModuleList(MaskedConv2d(channels, width, kernel, include_centre=True)
                                     for _ in range(layers))
-        self.condition = nn.Conv2d(channels, channels * (layers + 1), 1)  # the feature map's term in every layer
+        self.condition = nn.Conv2d(channels, channels + width * layers, 1)  # the feature map's term in every layer
         self.out = nn.Conv2d(channels, 1, 1)
         self.receptive_radius = (layers + 1) * (kernel // 2)
+        self.split = [channels] + [width] * layers
+        self.gated = gated
+
+    def activation(self, pre: torch.Tensor) -> torch.Tensor:
+        """What a residual layer adds to h from its pre-activation (masked convolution + the feature map's term)."""
+        if not self.gated:
+            return F.relu(pre)
+        a, b = pre.chunk(2, dim=1)
+        return torch.tanh(a) * torch.sigmoid(b)
 
     def forward(self, x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        terms = self.condition(features).chunk(len(self.layers) + 1, dim=1)
+        terms = self.condition(features).split(self.split, dim=1)
         h = F.relu(self.first(x) + terms[0])
         for layer, term in zip(self.layers, terms[1:]):
-            h = h + F.relu(layer(h) + term)
+            h = h + self.activation(layer(h) + term)
         return self.out(h)
 
     def logit_at(self, x: torch.Tensor, condition: torch.Tensor, row: int, col: int) -> torch.Tensor:
@@ -268,10 +281,10 @@ class PixelCNN(nn.Module):
             (top, left, _), (inner_top, inner_left, inner_right) = box(reach + step), box(reach)
             return t[..., inner_top - top:, inner_left - left:inner_right - left]
 
-        terms = condition.chunk(len(self.layers) + 1, dim=1)
+        terms = condition.split(self.split, dim=1)
         reach = len(self.layers) * step
         h = F.relu(narrow(self.first(part(x, reach + step)), reach) + part(terms[0], reach))
         for layer, term in zip(self.layers, terms[1:]):
             reach -= step
-            h = narrow(h, reach) + F.relu(narrow(layer(h), reach) + part(term, reach))
+            h = narrow(h, reach) + self.activation(narrow(layer(h), reach) + part(term, reach))
         return self.out(h)[:, 0, 0, 0]

@@ -15,10 +15,10 @@ from pyro_vae.nets import PixelCNN
 PIXELS = 28 * 28
 
 
-def _likelihood(channels=3, layers=2, kernel=3, seed=0) -> PixelCNNBernoulli:
+def _likelihood(channels=3, layers=2, kernel=3, seed=0, gated=False) -> PixelCNNBernoulli:
     """A small likelihood in float64 with weights large enough that every pixel's logit depends on its context."""
     torch.manual_seed(seed)
-    likelihood = PixelCNNBernoulli(channels, layers, kernel).double()
+    likelihood = PixelCNNBernoulli(channels, layers, kernel, gated).double()
     for p in likelihood.parameters():
         torch.nn.init.normal_(p, std=0.4)
     return likelihood
@@ -29,8 +29,9 @@ def _images(n, seed=1) -> torch.Tensor:
     return torch.bernoulli(torch.full((n, 1, 28, 28), 0.3, dtype=torch.float64))
 
 
-def test_log_prob_is_the_sum_of_each_pixels_conditional_computed_one_pixel_at_a_time():
-    likelihood, x = _likelihood(), _images(2)
+@pytest.mark.parametrize("gated", [False, True])
+def test_log_prob_is_the_sum_of_each_pixels_conditional_computed_one_pixel_at_a_time(gated):
+    likelihood, x = _likelihood(gated=gated), _images(2)
     features = torch.randn(2, 3, 28, 28, dtype=torch.float64)
     generator = torch.Generator().manual_seed(2)
     reference = torch.zeros(2, dtype=torch.float64)
@@ -43,9 +44,9 @@ def test_log_prob_is_the_sum_of_each_pixels_conditional_computed_one_pixel_at_a_
     torch.testing.assert_close(likelihood(features).log_prob(x), reference, rtol=0, atol=1e-9)
 
 
-@pytest.mark.parametrize("layers, kernel", [(0, 3), (2, 3), (1, 5)])
-def test_each_logit_depends_on_the_pixels_before_it_within_the_receptive_field_only(layers, kernel):
-    net = _likelihood(layers=layers, kernel=kernel).net
+@pytest.mark.parametrize("layers, kernel, gated", [(0, 3, False), (2, 3, False), (1, 5, False), (2, 3, True)])
+def test_each_logit_depends_on_the_pixels_before_it_within_the_receptive_field_only(layers, kernel, gated):
+    net = _likelihood(layers=layers, kernel=kernel, gated=gated).net
     features = torch.randn(1, 3, 28, 28, dtype=torch.float64)
     x = _images(1)
     jacobian = torch.autograd.functional.jacobian(lambda image: net(image, features).flatten(),
@@ -62,11 +63,11 @@ def test_each_logit_depends_on_the_pixels_before_it_within_the_receptive_field_o
         assert (jacobian[inner, [i - neighbour for i in inner]] != 0).float().mean() > 0.5
 
 
-@pytest.mark.parametrize("layers, kernel", [(0, 3), (3, 3), (2, 5)])
-def test_the_logit_of_one_pixel_is_the_whole_images_at_every_pixel(layers, kernel):
+@pytest.mark.parametrize("layers, kernel, gated", [(0, 3, False), (3, 3, False), (2, 5, False), (3, 3, True)])
+def test_the_logit_of_one_pixel_is_the_whole_images_at_every_pixel(layers, kernel, gated):
     """logit_at (the pixel loop's: each layer only where the layers after it read it) gives the whole pass's logit,
-    at the borders and corners too."""
-    net = _likelihood(layers=layers, kernel=kernel).net
+    at the borders and corners too, with plain and gated layers."""
+    net = _likelihood(layers=layers, kernel=kernel, gated=gated).net
     x, features = _images(2), torch.randn(2, 3, 28, 28, dtype=torch.float64)
     whole, condition = net(x, features)[:, 0], net.condition(features)
     one_at_a_time = torch.stack([torch.stack([net.logit_at(x, condition, i, j) for j in range(28)], -1)
@@ -109,6 +110,13 @@ def test_the_model_keeps_its_line_and_the_decoder_gives_the_feature_map():
     assert features.shape == (6, 5, 28, 28)
     assert isinstance(vae.likelihood(features), AutoregressiveBernoulli)
     assert isinstance(vae.likelihood.net, PixelCNN) and vae.likelihood.net.receptive_radius == 2
+    assert not vae.likelihood.net.gated
+    gated = build_vae(Config(likelihood="pixelcnn", pixelcnn_channels=5, pixelcnn_layers=2, pixelcnn_gated=True,
+                             latent_dim=4, conv_channels=(8, 16))).likelihood.net
+    assert gated.gated and [layer.out_channels for layer in gated.layers] == [10, 10]
+    assert gated.condition.out_channels == 5 + 2 * 10  # the feature map's term: one map in, (a, b) per gated layer
+    assert "--pixelcnn-gated is a setting of --likelihood pixelcnn" in " ".join(
+        Config(pixelcnn_gated=True).errors())
 
 
 def _checked(args, timeout: float):
