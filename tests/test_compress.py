@@ -269,6 +269,57 @@ def test_a_damaged_or_foreign_file_is_refused_never_decoded_wrongly(small_file, 
         assert "deviation is not positive" in message
 
 
+def _floating_point_file(images, monkeypatch) -> bytes:
+    """A file coded with the float networks (as format 2 did and the autoregressive likelihood does)."""
+    with monkeypatch.context() as patch:
+        patch.setattr(compress, "portable", lambda trained: False)
+        return encode(RUN, images, k=1, max_batch=4)
+
+
+def _another_cpu(monkeypatch) -> None:
+    """Decode as on a CPU whose float kernels round otherwise: the float networks' pixel probabilities move by
+    one part in 10^6 (the fixed-point ones cannot move: they are integers)."""
+    original = compress._pixel_probabilities
+
+    def rounded_otherwise(likelihood, batch, exact=False):
+        probs = original(likelihood, batch, exact)
+        return probs if exact else probs * (1 - 1e-6)
+    monkeypatch.setattr(compress, "_pixel_probabilities", rounded_otherwise)
+
+
+def test_a_file_of_the_fixed_point_networks_says_so_and_decodes_whatever_the_float_kernels(small_file, monkeypatch):
+    images, data = small_file
+    assert read_header(data).exact and read_header(data).version == compress.VERSION == 3
+    _another_cpu(monkeypatch)
+    np.testing.assert_array_equal(decode(None, data), images)
+
+
+def test_a_float_network_file_that_does_not_decode_here_names_the_reason_not_damage(small_file, monkeypatch):
+    images = small_file[0][:12]
+    data = _floating_point_file(images, monkeypatch)
+    assert not read_header(data).exact
+    np.testing.assert_array_equal(decode(None, data), images)  # where the kernels are the encoder's: exact
+    _another_cpu(monkeypatch)
+    with pytest.raises(CompressError) as refused:
+        decode(None, data)
+    message = str(refused.value)
+    assert "floating-point coding networks" in message and "CPU" in message and "damaged" not in message, message
+
+
+def test_a_format_2_file_still_decodes(small_file, monkeypatch):
+    """Format 2 (before the fixed-point networks): the same header less its last byte, float networks."""
+    images = small_file[0][:12]
+    data = _floating_point_file(images, monkeypatch)
+    header = read_header(data)
+    old = dataclasses.replace(header, version=2).pack() + data[header.size:]
+    assert old[6] == 2 and len(old) == len(data) - 1
+    assert read_header(old).version == 2 and not read_header(old).exact
+    np.testing.assert_array_equal(decode(None, old), images)
+    _another_cpu(monkeypatch)
+    with pytest.raises(CompressError, match="format 2.*floating-point coding networks"):
+        decode(None, old)
+
+
 def test_a_count_the_file_cannot_hold_is_refused_before_anything_is_allocated(small_file, monkeypatch):
     _, data = small_file
     claims = data[:COUNT] + struct.pack("<I", 2 ** 31) + data[COUNT + 4:]
