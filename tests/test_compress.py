@@ -3,6 +3,7 @@ or -IWAE_K with K importance samples), and one line for every bad input or damag
 
 import dataclasses
 import math
+import os
 import struct
 import subprocess
 import sys
@@ -550,8 +551,45 @@ def small_runs(data_dir, tmp_path_factory):
     return runs
 
 
-def _cli(*args, cwd=ROOT) -> subprocess.CompletedProcess:
-    return processes.run([sys.executable, "-m", "pyro_vae.compress", *map(str, args)], cwd=cwd, timeout=600)
+def _cli(*args, cwd=ROOT, env=None) -> subprocess.CompletedProcess:
+    environment = None if env is None else {**os.environ, **env}
+    return processes.run([sys.executable, "-m", "pyro_vae.compress", *map(str, args)], cwd=cwd, timeout=600,
+                         env=environment)
+
+
+# Settings that make torch pick other float kernels, as another CPU would: a float-network file fails under the
+# first on this project's CPUs ("damaged" before format 3); a fixed-point one decodes the same under each
+OTHER_KERNELS = {"SSE4.1 convolutions": {"ONEDNN_MAX_CPU_ISA": "SSE41"},
+                 "ATen's scalar kernels": {"ATEN_CPU_CAPABILITY": "default"}}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", [name for name in FAMILIES if "autoregressive" not in name])
+def test_each_family_decodes_bit_for_bit_under_other_kernels(small_runs, family, data_dir, tmp_path):
+    """Encoded as usual (in this process), decoded in processes whose torch uses other CPU kernels: the coding
+    networks are the fixed-point ones (the file says so), so each restores the very images."""
+    k = FAMILIES[family][1]
+    images, labels = mnist_test_images(data_dir, 60), mnist_test_labels(data_dir, 60)
+    run = pyro_vae.load(small_runs[family])
+    file = tmp_path / "test.pvae"
+    file.write_bytes(encode(run, images, labels if run.vae.conditional else None, k=k, max_batch=20))
+    assert read_header(file.read_bytes()).exact
+    for name, env in OTHER_KERNELS.items():
+        out = tmp_path / f"{name}.npy"
+        done = _cli("--decode", file, out, env=env)
+        assert done.returncode == 0, (name, done.stderr)
+        np.testing.assert_array_equal(np.load(out), images)
+        if run.vae.conditional:
+            np.testing.assert_array_equal(np.load(compress.labels_path(out)), labels)
+
+
+@pytest.mark.slow
+def test_the_autoregressive_likelihood_codes_with_float_networks_and_its_file_says_so(small_runs, data_dir):
+    """The stretch not done: the PixelCNN stays in floating point, so its files are marked not portable (and,
+    where they fail, the error says why)."""
+    run = pyro_vae.load(small_runs["autoregressive, K = 2"])
+    assert not compress.portable(run)
+    assert not read_header(encode(run, mnist_test_images(data_dir, 4), k=1)).exact
 
 
 @pytest.mark.slow
@@ -624,6 +662,22 @@ def test_the_file_is_as_long_as_the_bound_it_codes_at(small_runs, conv32, family
     bound, error = _bound_and_error(run.vae, x, k, groups=10 if n > 1000 else 20)
     excess = _coded_bits(data) - bound
     assert -5 * error - 32 <= excess <= 5 * error + 32 + 0.3 * len(images), (excess, error)
+
+
+@pytest.mark.slow
+def test_the_bound_the_cli_prints_is_the_importance_sampled_bound_of_the_model(data_dir, tmp_path, capsys):
+    """The figure `bound coded, K = 4` that the CLI prints (the codec's own -log (1/K sum_k w_k) per image) against
+    -IWAE_4 of the same images computed outside the codec, by the model and its widened guide, from independent
+    draws: within 5 standard errors, plus 0.3 bits an image for the bins and the fixed-point networks. Dropping
+    the - log K would move it by 2 bits an image, 600 bits on these 300 (the tolerance is about 300)."""
+    n, k = 300, 4
+    run = pyro_vae.load(RUN)
+    assert main([RUN, str(tmp_path / "f.pvae"), "--limit", str(n), "--k", str(k), "--data-dir", str(data_dir)]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if f"bound coded, K = {k}" in line)
+    printed = float(row.split(f"K = {k}")[1].split()[0]) * n  # bits an image, over the images
+    x = torch.from_numpy(mnist_test_images(data_dir, n)).float().unsqueeze(1)
+    bound, error = _bound_and_error(run.vae, x, k, groups=20)
+    assert abs(printed - bound) <= 5 * error + 0.3 * n + 0.005 * n, (printed, bound, error)  # + the print's rounding
 
 
 @pytest.mark.slow

@@ -90,7 +90,7 @@ def _interpolate(name: str, v: torch.Tensor, bits: int) -> torch.Tensor:
     span, shift = TABLE_RANGE << bits, bits - TABLE_STEP_BITS
     t = v.clamp(-span, span) + span
     index, rest = t >> shift, t & ((1 << shift) - 1)
-    table = _table(name)
+    table = _table(name).to(v.device)
     low = table[index]
     return low + (((table[index + 1] - low) * rest) >> shift)
 
@@ -150,8 +150,8 @@ class _Affine(nn.Module):
         top = float(w.abs().max())
         self.shift = WEIGHT_BITS - (math.frexp(top)[1] if top > 0 else 0)  # |w| < 2^e: |w * 2^shift| <= 2^15
         self.bits = in_bits + self.shift  # the sums' scale
-        self.weight = torch.round(w * 2.0 ** self.shift)
-        self.bias = None if b is None else torch.round(b.detach().cpu().double() * 2.0 ** self.bits)
+        self.register_buffer("weight", torch.round(w * 2.0 ** self.shift))  # buffers: .to(device) moves them
+        self.register_buffer("bias", None if b is None else torch.round(b.detach().cpu().double() * 2.0 ** self.bits))
         # convolutions as matrix products (float64 GEMM; torch's float64 convolutions are several times slower)
         # over unfolded patches, and a transposed one's products folded back (col2im sums the overlaps)
         if isinstance(layer, nn.Linear):
@@ -175,9 +175,8 @@ class _Affine(nn.Module):
 
     def _conv(self, layer: nn.Conv2d):
         kernel, stride, padding = layer.kernel_size, layer.stride, layer.padding
-        matrix = self.weight.reshape(len(self.weight), -1)  # (out, in * kh * kw)
-
         def op(a: torch.Tensor) -> torch.Tensor:
+            matrix = self.weight.reshape(len(self.weight), -1)  # (out, in * kh * kw)
             h, w = ((size + 2 * p - k) // s + 1 for size, p, k, s in zip(a.shape[-2:], padding, kernel, stride))
             patches = nn.functional.unfold(a, kernel, padding=padding, stride=stride)  # (N, in * kh * kw, h * w)
             return _batched(matrix, patches).reshape(len(a), len(matrix), h, w)
@@ -185,9 +184,8 @@ class _Affine(nn.Module):
 
     def _transposed(self, layer: nn.ConvTranspose2d):
         kernel, stride, padding, extra = layer.kernel_size, layer.stride, layer.padding, layer.output_padding
-        matrix = self.weight.reshape(self.weight.shape[0], -1).T.contiguous()  # (out * kh * kw, in)
-
         def op(a: torch.Tensor) -> torch.Tensor:
+            matrix = self.weight.reshape(self.weight.shape[0], -1).T  # (out * kh * kw, in)
             size = tuple((n - 1) * s - 2 * p + k + e for n, s, p, k, e in zip(a.shape[-2:], stride, padding, kernel,
                                                                               extra))
             columns = _batched(matrix, a.reshape(len(a), a.shape[1], -1))  # (N, out * kh * kw, h * w)
@@ -240,6 +238,7 @@ class _Stack(nn.Module):
             else:
                 raise NotExact(f"no fixed-point copy of {type(module).__name__}")
         self.out_bits = OUT_BITS
+        self.layers = nn.ModuleList(step[0] for step in self.steps)  # registered: .to(device) moves their weights
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
         relu_done = False
@@ -293,9 +292,9 @@ class ExactEncoder(nn.Module):
         self.head = _Stack([encoder.head], ACT_BITS, limit)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = x.shape[:-3]
-        h = self.features(x.reshape(-1, *x.shape[-3:]).double()).reshape(*batch, -1)
-        return _loc_scale(self.head(_cat(h, c)))
+        batch, device = x.shape[:-3], _device(self)
+        h = self.features(x.reshape(-1, *x.shape[-3:]).to(device, torch.float64)).reshape(*batch, -1)
+        return tuple(t.cpu() for t in _loc_scale(self.head(_cat(h, None if c is None else c.to(device)))))
 
 
 class ExactDecoder(nn.Module):
@@ -309,9 +308,10 @@ class ExactDecoder(nn.Module):
         self.body = _Stack(decoder.body, ACT_BITS, float(1 << (ACT_BITS + ACT_RANGE_BITS)))
 
     def forward(self, z: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
-        h = _cat(_latent(z), c)
+        device = _device(self)
+        h = _cat(_latent(z.to(device)), None if c is None else c.to(device))
         out = self.body(h.reshape(-1, h.shape[-1]))
-        return (out * 2.0 ** -OUT_BITS).reshape(*h.shape[:-1], *self.out_shape)
+        return (out * 2.0 ** -OUT_BITS).reshape(*h.shape[:-1], *self.out_shape).cpu()
 
 
 class ExactGaussianLayer(nn.Module):
@@ -323,8 +323,13 @@ class ExactGaussianLayer(nn.Module):
 
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch = h.shape[:-1]
-        out = self.body(_latent(h).reshape(-1, h.shape[-1]))
-        return _loc_scale(out.reshape(*batch, -1))
+        out = self.body(_latent(h.to(_device(self))).reshape(-1, h.shape[-1]))
+        return tuple(t.cpu() for t in _loc_scale(out.reshape(*batch, -1)))
+
+
+def _device(module: nn.Module) -> torch.device:
+    """Where a copy's integer weights are (the CPU, or a GPU: exact there too; what it returns is on the CPU)."""
+    return next(module.buffers()).device
 
 
 def why_not_exact(vae: nn.Module) -> str | None:
@@ -352,11 +357,12 @@ def _copies(vae: nn.Module) -> dict:
 
 
 @contextmanager
-def exact_networks(vae: nn.Module):
-    """The run's networks replaced by their fixed-point copies inside the block; the trained ones after."""
+def exact_networks(vae: nn.Module, device: str | torch.device = "cpu"):
+    """The run's networks replaced by their fixed-point copies inside the block (their sums computed on device,
+    their outputs on the CPU); the trained ones after."""
     copies, originals = _copies(vae), {}
     for path, copy in copies.items():
-        originals[path] = _swap(vae, path, copy)
+        originals[path] = _swap(vae, path, copy.to(device))
     try:
         yield
     finally:
