@@ -323,3 +323,16 @@ def test_the_cli_trains_on_cuda_by_default(data_dir, tmp_path):
     assert saved["device"] == "cuda" and saved["cuda_graph"]
     assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 5
     assert pyro_vae.load(out).config.latent_dim == 2
+
+
+@pytest.mark.parametrize("run, k", [("pretrained/conv32_full", 4), ("pretrained/hierarchical", 1)])
+def test_a_file_encoded_on_the_cpu_decodes_bit_for_bit_on_the_gpu(run, k, data_dir):
+    """The fixed-point coding networks (pyro_vae/compress/networks.py) compute the same integers on a GPU."""
+    pytest.importorskip("constriction")  # the device carries it as a wheel (docs/gpu.md)
+    from pyro_vae import compress
+
+    images = load_mnist(data_dir, split="test", test_size=40).test_images.reshape(40, 28, 28).to(torch.uint8).numpy()
+    data = compress.encode(run, images, k=k, progress=False)
+    assert compress.read_header(data).exact
+    restored = compress.decode(None, data, progress=False, device="cuda")
+    assert (restored == images).all()

@@ -28,12 +28,9 @@ shells over `encode(run, images) -> bytes` and `decode(run, data) -> images`.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import math
 import struct
-import sys
-import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import lru_cache
@@ -49,13 +46,16 @@ from pyro.poutine.runtime import NonlocalExit
 from pyro.poutine.util import site_is_subsample
 from tqdm import tqdm
 
-from .checkpoint import PRETRAINED, CheckpointError, load, run_directory, write_atomically
-from .data import IMAGE_SHAPE, NUM_CLASSES, DataError, load_mnist
-from .likelihoods import AutoregressiveBernoulli
-from .trained import TrainedVAE
+from ..checkpoint import PRETRAINED, CheckpointError, load, run_directory
+from ..data import IMAGE_SHAPE, NUM_CLASSES
+from ..likelihoods import AutoregressiveBernoulli
+from ..trained import TrainedVAE
+from . import networks
 
 MAGIC = b"PVAEBB"  # pyro_vae bits-back
-VERSION = 2  # 1: the ELBO codec of one layer (2026-11-28); 2: K samples, layers, labels, integer CDFs
+VERSION = 3  # 1: the ELBO codec of one layer (2026-11-28); 2: K samples, layers, labels, integer CDFs; 3: the
+# coding networks in fixed point (networks.py): a file decodes on any CPU (a byte says so; float for PixelCNN)
+READABLE = (2, 3)  # format 2 is read with floating-point networks: it decodes where the kernels match the encoder's
 # bits per latent dimension: 2^12 bins of equal mass under the latent's spread, narrow beside q(z | x). Every bin
 # keeps at least 2^-24 of each CDF, so q leaks 2^(precision - 24) of its mass into far bins (measured with format 1
 # on conv32, 2000 images: the file's excess over -ELBO is 0.2 bits an image at 12, 0.4 at 14, 1.5 at 16)
@@ -80,9 +80,11 @@ SEED_TAG = b"pyro_vae bits-back initial bits"  # the pseudo-random words that se
 SHIFT_TAG = b"pyro_vae bits-back coupling"  # the K draws' shifts come from this
 ASSUMED_BITS_PER_IMAGE = 64  # a floor on -ELBO in bits on MNIST (real models: 115 or more), for the batch ramp
 PIXELS = math.prod(IMAGE_SHAPE)
-_HEADER = struct.Struct("<6sBBHBBIIII32s32sHHe")  # magic, version, precision, K, layers, labelled, images, max
+_HEADER_2 = struct.Struct("<6sBBHBBIIII32s32sHHe")
+_HEADER = struct.Struct("<6sBBHBBIIII32s32sHHeB")  # magic, version, precision, K, layers, labelled, images, max
 #                              batch, seed and data words, weights' and images' SHA-256, lengths of the run's path and
-#                              of the marginals (float16 values), the proposal's widening; then the path, the marginals
+#                              of the marginals (float16 values), the proposal's widening, whether the coding networks
+#                              were the fixed-point ones (format 3); then the path, the marginals
 _PHI_RANGE = 8  # the normal CDF is 0 below -8 and 1 above 8 at 2^-32
 _PHI_STEP_BITS = 10  # the CDF's table has a point every 2^-10, interpolated linearly between them: a bin in
 #                     the tails (2^-8 wide at 3 sd) gets the mass of a chord, 0.2% off at most
@@ -223,6 +225,11 @@ class _Bins:
         """log of each vector of bins' probability, in nats: summed over the last dimension."""
         return (np.log(self.cdf(k + 1) - self.cdf(k)) - FINE_BITS * math.log(2)).sum(-1)
 
+    def log_mass(self, k: np.ndarray) -> np.ndarray:
+        """log of each vector of bins' integer mass (of 2^24), summed over the last dimension: int64, in units
+        of 2^-16 nats, computed with integers only (networks.ln)."""
+        return networks.ln(self.cdf(k + 1) - self.cdf(k)).sum(-1)
+
 
 def _bins_of(d: dist.Distribution, grid: _Grid, shape: tuple) -> _Bins:
     """A latent site's diagonal Gaussian on its bins, broadcast to shape (..., D)."""
@@ -298,9 +305,14 @@ def _push_bins(coder, k: np.ndarray, bins: _Bins, draw: bool) -> None:
     _push_fine(coder, low + _pop_uniform(coder, bins.cdf(k + 1) - low), draw)
 
 
-def _pixel_probabilities(likelihood: dist.Distribution, batch: int) -> np.ndarray:
+def _pixel_probabilities(likelihood: dist.Distribution, batch: int, exact: bool = False) -> np.ndarray:
     """P(pixel = 1 | z) of independent Bernoulli pixels, (784, B) float64: pixel-major, the order the
-    autoregressive likelihood's pixels are popped in."""
+    autoregressive likelihood's pixels are popped in. exact: from the fixed-point logits by an integer table
+    (integers / 2^32), else the float network's sigmoid."""
+    if exact:
+        logits = networks.to_int(likelihood.base_dist.logits.expand(batch, *IMAGE_SHAPE), networks.OUT_BITS)
+        probs = networks.sigmoid(logits, networks.OUT_BITS).double() * 2.0 ** -networks.PROB_BITS
+        return probs.reshape(batch, PIXELS).T.numpy()
     probs = likelihood.base_dist.probs.expand(batch, *IMAGE_SHAPE)
     return probs.reshape(batch, PIXELS).T.double().numpy()
 
@@ -310,7 +322,7 @@ def _probability(logit: torch.Tensor) -> np.ndarray:
     return torch.sigmoid(logit).double().numpy()
 
 
-def _push_pixels(coder, x: np.ndarray, likelihood: dist.Distribution) -> None:
+def _push_pixels(coder, x: np.ndarray, likelihood: dist.Distribution, exact: bool = False) -> None:
     """Push images (B, 28, 28) with p(x | z): each pixel's probability from z alone, or (the autoregressive
     likelihood) given the pixels before it, from the pixel loop the decoder runs, filled with the known pixels."""
     if isinstance(likelihood, AutoregressiveBernoulli):
@@ -323,12 +335,12 @@ def _push_pixels(coder, x: np.ndarray, likelihood: dist.Distribution) -> None:
         likelihood.fill(known_pixel, (len(x),))
         probs = np.stack(rows)
     else:
-        probs = _pixel_probabilities(likelihood, len(x))
+        probs = _pixel_probabilities(likelihood, len(x), exact)
     pixels = x.reshape(len(x), PIXELS).T.ravel().astype(np.int32)
     coder.encode_reverse(pixels, _models().Bernoulli(perfect=False), probs.ravel())
 
 
-def _pop_pixels(coder, likelihood: dist.Distribution, batch: int) -> np.ndarray:
+def _pop_pixels(coder, likelihood: dist.Distribution, batch: int, exact: bool = False) -> np.ndarray:
     """Images (B, 28, 28) uint8 popped with p(x | z): all pixels at once where each is independent given z, else
     pixel by pixel (the first pixel of every image, then the second ...)."""
     model = _models().Bernoulli(perfect=False)
@@ -336,7 +348,7 @@ def _pop_pixels(coder, likelihood: dist.Distribution, batch: int) -> np.ndarray:
         filled = likelihood.fill(lambda i, j, logit: torch.from_numpy(coder.decode(model, _probability(logit))),
                                  (batch,))
         return filled.reshape(batch, *IMAGE_SHAPE[1:]).to(torch.uint8).numpy()
-    pixels = coder.decode(model, _pixel_probabilities(likelihood, batch).ravel()).astype(np.uint8)
+    pixels = coder.decode(model, _pixel_probabilities(likelihood, batch, exact).ravel()).astype(np.uint8)
     return np.ascontiguousarray(pixels.reshape(PIXELS, batch).T).reshape(batch, *IMAGE_SHAPE[1:])  # as encoded: the
     # networks and the sums over pixels must see the same memory layout on both sides
 
@@ -418,8 +430,9 @@ def _grids(trained: TrainedVAE, precision: int, moments: tuple[float, ...]) -> d
 class _BitsBack:
     """Codes batches of images (and labels) on one ANS stack: encode_batch, and decode_batch in reverse."""
 
-    def __init__(self, trained: TrainedVAE, coder, grids: dict, k: int, widen: float = 1.0):
+    def __init__(self, trained: TrainedVAE, coder, grids: dict, k: int, widen: float = 1.0, exact: bool = False):
         self.program, self.coder, self.k, self.widen = _Program(trained, grids), coder, k, widen
+        self.exact = exact  # the coding networks are the fixed-point copies (exact_networks): integer weights too
         self.labelled = trained.vae.conditional
 
     def encode_batch(self, images: np.ndarray, labels: np.ndarray | None) -> np.ndarray:
@@ -435,9 +448,10 @@ class _BitsBack:
             values["z"] = _pop_bins(coder, q, draw=True)
             bound = q.log_prob(values["z"])
         likelihood = program.site("model", "x", x, y, values)
-        _push_pixels(coder, images, likelihood)
+        _push_pixels(coder, images, likelihood, self.exact)
         if self.k == 1:
-            bound = bound - likelihood.log_prob(x).double().numpy()
+            bound = bound - (networks.log_bernoulli(likelihood.base_dist.logits, x).numpy() * 2.0 ** -networks.LOG_BITS
+                             if self.exact else likelihood.log_prob(x).double().numpy())
         for below, site in zip(sites, sites[1:]):  # Bit-Swap: draw z_l+1 with what z_l and x pushed, then push z_l
             q = program.bins("guide", site, x, y, values)
             values[site] = _pop_bins(coder, q, draw=True)
@@ -468,7 +482,7 @@ class _BitsBack:
         for below, site in reversed(list(zip(sites, sites[1:]))):
             values[below] = _pop_bins(coder, program.bins("model", below, blank, y, values), draw=False)
             _push_bins(coder, values[site], program.bins("guide", site, blank, y, values), draw=True)
-        images = _pop_pixels(coder, program.site("model", "x", blank, y, {"z": values["z"]}), size)
+        images = _pop_pixels(coder, program.site("model", "x", blank, y, {"z": values["z"]}), size, self.exact)
         x = torch.from_numpy(images).float().reshape(-1, *IMAGE_SHAPE)
         q = program.bins("guide", "z", x, y, {})
         if self.k > 1:
@@ -485,12 +499,12 @@ class _BitsBack:
         coder, rows = self.coder, np.arange(len(x))
         u = _pop_fine(coder, q.shape, draw=True)
         draws, log_w = self._weights(u, q, x, y)
-        j = coder.decode(_models().Categorical(perfect=False), _softmax(log_w)).astype(np.int64)
+        j = coder.decode(_models().Categorical(perfect=False), self._softmax(log_w)).astype(np.int64)
         z, u_j = draws[j, rows], (u + _shifts(self.k, q.shape[-1])[j]) & ((1 << FINE_BITS) - 1)
         low = q.cdf(z)
         _push_uniform(coder, u_j - low, q.cdf(z + 1) - low)
         coder.encode_reverse(j.astype(np.int32), _models().Uniform(self.k))
-        log_mean = np.logaddexp.reduce(log_w, axis=1) - math.log(self.k)
+        log_mean = np.logaddexp.reduce(self._nats(log_w), axis=1) - math.log(self.k)
         return z, -log_mean
 
     def _undraw_importance(self, z: np.ndarray, q: _Bins, x: torch.Tensor, y: torch.Tensor | None) -> None:
@@ -501,24 +515,37 @@ class _BitsBack:
         u = (u_j - _shifts(self.k, q.shape[-1])[j]) & ((1 << FINE_BITS) - 1)
         draws, log_w = self._weights(u, q, x, y)
         if not np.array_equal(draws[j, rows], z):
-            raise CompressError("damaged: the coded words do not decode (a draw does not come back)")
-        coder.encode_reverse(j.astype(np.int32), _models().Categorical(perfect=False), _softmax(log_w))
+            raise ValueError("a draw does not come back")
+        coder.encode_reverse(j.astype(np.int32), _models().Categorical(perfect=False), self._softmax(log_w))
         _push_fine(coder, u, draw=True)
 
     def _weights(self, u: np.ndarray, q: _Bins, x: torch.Tensor, y: torch.Tensor | None
                  ) -> tuple[np.ndarray, np.ndarray]:
-        """The K coupled draws (K, B, D) from u (B, D), and their log weights log p(x, z_k) - log q(z_k | x), (B, K)."""
+        """The K coupled draws (K, B, D) from u (B, D), and their log weights log p(x, z_k) - log q(z_k | x), (B, K):
+        in nats (float networks), or (exact) integers in units of 2^-16 nats from integer arithmetic alone."""
         program, k, batch = self.program, self.k, len(x)
         shape = (k, *q.shape)
         draws = q.find((u + _shifts(k, q.shape[-1])[:, None]) & ((1 << FINE_BITS) - 1))
         prior = program.bins("model", "z", x, y, {}, shape)
-        log_w = prior.log_prob(draws) - q.log_prob(draws)  # (K, B)
+        if self.exact:
+            log_w = prior.log_mass(draws) - q.log_mass(draws)  # (K, B), the 2^-24 of both masses cancel
+        else:
+            log_w = prior.log_prob(draws) - q.log_prob(draws)
         per_pass = max(1, SAMPLES_PER_PASS // batch)  # draws per decoder call: depends on K and B alone
         for start in range(0, k, per_pass):
             part = draws[start:start + per_pass]
             likelihood = program.site("model", "x", x, y, {"z": part}, samples=len(part))
-            log_w[start:start + len(part)] += likelihood.log_prob(x).double().numpy()
+            if self.exact:
+                log_w[start:start + len(part)] += networks.log_bernoulli(likelihood.base_dist.logits, x).numpy()
+            else:
+                log_w[start:start + len(part)] += likelihood.log_prob(x).double().numpy()
         return draws, log_w.T
+
+    def _softmax(self, log_w: np.ndarray) -> np.ndarray:
+        return networks.softmax(log_w) if self.exact else _softmax(log_w)
+
+    def _nats(self, log_w: np.ndarray) -> np.ndarray:
+        return log_w * 2.0 ** -networks.LOG_BITS if self.exact else log_w
 
 
 def _softmax(log_w: np.ndarray) -> np.ndarray:
@@ -556,18 +583,29 @@ class Header:
     labelled: bool = False  # the labels are coded too
     marginals: tuple = ()  # mean and deviation of each latent dimension (float16): its bins' frame (see marginals)
     widen: float = 1.0  # the importance proposal's deviations over q's (float16)
+    exact: bool = False  # coded with the fixed-point networks (portable); False: float networks (format 2, PixelCNN)
+    version: int = VERSION
 
     def pack(self) -> bytes:
-        run = self.run.encode()
-        return _HEADER.pack(MAGIC, VERSION, self.precision, self.k, self.layers, self.labelled, self.num_images,
-                            self.max_batch, self.seed_words, self.data_words, self.weights_sha256,
-                            self.images_sha256, len(run), len(self.marginals), self.widen) + run + \
-            np.array(self.marginals, dtype="<f2").tobytes()
+        run, fields = self.run.encode(), (self.exact,) if self.version >= 3 else ()
+        return (_HEADER if self.version >= 3 else _HEADER_2).pack(
+            MAGIC, self.version, self.precision, self.k, self.layers, self.labelled, self.num_images, self.max_batch,
+            self.seed_words, self.data_words, self.weights_sha256, self.images_sha256, len(run), len(self.marginals),
+            self.widen, *fields) + run + np.array(self.marginals, dtype="<f2").tobytes()
 
     @property
     def size(self) -> int:
         """Bytes of the header."""
-        return _HEADER.size + len(self.run.encode()) + 2 * len(self.marginals)
+        return (_HEADER if self.version >= 3 else _HEADER_2).size + len(self.run.encode()) + 2 * len(self.marginals)
+
+    def not_portable(self) -> str:
+        """Why a file that fails to decode here may still be sound: how its coding networks computed."""
+        if self.exact:
+            return ""
+        which = f"format {self.version}" if self.version < 3 else "an autoregressive likelihood's"
+        return (f"; it was written ({which}) with floating-point coding networks, whose rounding depends on the "
+                "CPU's kernels: it decodes only on a CPU (and torch) that picks the encoder's kernels, e.g. the "
+                "machine that wrote it")
 
 
 def read_header(data: bytes) -> Header:
@@ -577,28 +615,31 @@ def read_header(data: bytes) -> Header:
         raise CompressError("not a pyro_vae compressed file (no PVAEBB magic bytes at its start)")
     if len(data) <= len(MAGIC):
         raise CompressError(f"truncated: {len(data)} bytes, shorter than the header")
-    if data[len(MAGIC)] != VERSION:
-        old = " (the ELBO codec of 2026-11-28: decode it with that pyro_vae)" if data[len(MAGIC)] == 1 else ""
-        raise CompressError(f"format version {data[len(MAGIC)]}{old}; this pyro_vae reads version {VERSION}")
-    if len(data) < _HEADER.size:
+    version = data[len(MAGIC)]
+    if version not in READABLE:
+        old = " (the ELBO codec of 2026-11-28: decode it with that pyro_vae)" if version == 1 else ""
+        raise CompressError(f"format version {version}{old}; this pyro_vae reads "
+                            f"{' and '.join(f'version {v}' for v in READABLE)}")
+    layout = _HEADER if version >= 3 else _HEADER_2
+    if len(data) < layout.size:
         raise CompressError(f"truncated: {len(data)} bytes, shorter than the header")
     (_, _, precision, k, layers, labelled, n, max_batch, seed_words, data_words, weights, images, run_len,
-     count, widen) = _HEADER.unpack_from(data)
-    if len(data) < _HEADER.size + run_len + 2 * count:
+     count, widen, *exact) = layout.unpack_from(data)
+    if len(data) < layout.size + run_len + 2 * count:
         raise CompressError(f"truncated: {len(data)} bytes, shorter than the header")
     try:
-        run = data[_HEADER.size:_HEADER.size + run_len].decode()
+        run = data[layout.size:layout.size + run_len].decode()
     except UnicodeDecodeError:
         raise CompressError("damaged header: the run's path is not text") from None
-    moments = np.frombuffer(data, dtype="<f2", count=count, offset=_HEADER.size + run_len)
+    moments = np.frombuffer(data, dtype="<f2", count=count, offset=layout.size + run_len)
     header = Header(run, weights, images, n, precision, max_batch, seed_words, data_words, k, layers, bool(labelled),
-                    tuple(float(v) for v in moments), widen)
+                    tuple(float(v) for v in moments), widen, bool(exact and exact[0]), version)
     expected = header.size + 4 * data_words
     if len(data) < expected:
         raise CompressError(f"truncated: {len(data)} bytes, the header announces {expected}")
     if len(data) > expected or not (1 <= precision <= 20) or not 1 <= max_batch <= LARGEST_BATCH or n < 1 \
             or not 1 <= k <= MAX_K or layers < 1 or labelled > 1 or not np.all(np.isfinite(moments)) \
-            or not 0.5 <= widen <= 4:
+            or not 0.5 <= widen <= 4 or (exact and exact[0] > 1):
         raise CompressError(f"damaged: {len(data)} bytes where the header announces {expected}, "
                             f"or settings out of range")
     if n > 32 * data_words:
@@ -610,7 +651,7 @@ def read_header(data: bytes) -> Header:
 
 def _check_memory(needed: int, what: str) -> None:
     """Refuse, before allocating, what would need more than half the memory this machine has available now."""
-    from .evaluate import available_memory
+    from ..evaluate import available_memory
 
     available = available_memory(torch.device("cpu"))
     if needed > available // 2:
@@ -620,7 +661,7 @@ def _check_memory(needed: int, what: str) -> None:
 
 def _working_bytes(trained: TrainedVAE, max_batch: int, k: int) -> int:
     """Memory a batch needs: the draws' integer arrays and the networks' activations of one pass."""
-    from .evaluate import activation_bytes
+    from ..evaluate import activation_bytes
 
     width = sum(trained.config.layer_dims())
     per_draw, _ = activation_bytes(trained.vae, torch.zeros(1, *IMAGE_SHAPE, device=trained.device),
@@ -698,17 +739,26 @@ def _seed_words(count: int) -> np.ndarray:
 
 
 @contextmanager
-def _coding(vae: torch.nn.Module):
-    """One thread, and the conv weights channels-last (faster here), while coding; the run as it came after."""
+def _coding(vae: torch.nn.Module, exact: bool = False, device: str = "cpu"):
+    """One thread, and the networks' fixed-point copies (exact; their sums on device) or the conv weights
+    channels-last (faster here), while coding; the run as it came after."""
     before = torch.get_num_threads()
     torch.set_num_threads(NUM_THREADS)
-    vae.to(memory_format=torch.channels_last)
+    if not exact:
+        vae.to(memory_format=torch.channels_last)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), networks.exact_networks(vae, device) if exact else nullcontext():
             yield
     finally:
-        vae.to(memory_format=torch.contiguous_format)
+        if not exact:
+            vae.to(memory_format=torch.contiguous_format)
         torch.set_num_threads(before)
+
+
+def portable(trained: TrainedVAE) -> bool:
+    """Whether this run's files are coded with fixed-point networks (decode on any CPU): every family but the
+    autoregressive likelihood's (and --label-at input), whose networks stay in floating point."""
+    return networks.why_not_exact(trained.vae) is None
 
 
 def default_k(trained: TrainedVAE) -> int:
@@ -792,8 +842,10 @@ def _encode(trained: TrainedVAE, path: str, images: np.ndarray, labels: np.ndarr
     seed_words = -(-seed_bits // 32)
     coder = constriction.stream.stack.AnsCoder(_seed_words(seed_words), seal=True)
     moments = marginals(trained, images, labels)
-    codec, bounds, start = _BitsBack(trained, coder, _grids(trained, precision, moments), k, widen), [], 0
-    with _coding(trained.vae), _bar(len(images), "encode", progress) as bar:
+    exact = portable(trained)
+    codec = _BitsBack(trained, coder, _grids(trained, precision, moments), k, widen, exact)
+    bounds, start = [], 0
+    with _coding(trained.vae, exact), _bar(len(images), "encode", progress) as bar:
         for size in batch_sizes(len(images), working_bits, max_batch, 32 * seed_words):
             bounds.append(codec.encode_batch(images[start:start + size],
                                              None if labels is None else labels[start:start + size]))
@@ -804,14 +856,17 @@ def _encode(trained: TrainedVAE, path: str, images: np.ndarray, labels: np.ndarr
         raise CompressError(f"{len(images)} images coded in {32 * len(words)} bits: the format holds at least one "
                             "bit per image")
     header = Header(path, weights_sha256(trained.vae), _images_sha256(images, labels), len(images), precision,
-                    max_batch, seed_words, len(words), k, trained.config.layers, labels is not None, moments, widen)
+                    max_batch, seed_words, len(words), k, trained.config.layers, labels is not None, moments, widen,
+                    exact)
     return header.pack() + words.tobytes(), np.concatenate(bounds) / math.log(2)
 
 
-def decode(run, data: bytes, *, labels: bool = False, progress: bool | None = None):
+def decode(run, data: bytes, *, labels: bool = False, progress: bool | None = None, device: str = "cpu"):
     """The images (N, 28, 28) uint8 that encode compressed into data; run None: the run data records.
 
     labels=True: (images, labels), the labels (N,) int64 of a label-conditioned run's file, else None.
+    device: where the fixed-point coding networks compute their sums (a format-3 file's: "cuda" decodes a file
+    written on a CPU exactly; the rest of the codec runs on the CPU).
     """
     import constriction
 
@@ -839,8 +894,15 @@ def decode(run, data: bytes, *, labels: bool = False, progress: bool | None = No
     try:
         coder = constriction.stream.stack.AnsCoder(np.frombuffer(data, dtype="<u4", offset=header.size)
                                                    .astype(np.uint32))
-        codec = _BitsBack(trained, coder, _grids(trained, header.precision, header.marginals), header.k, header.widen)
-        with _coding(trained.vae), _bar(header.num_images, "decode", progress) as bar:
+        if header.exact and not portable(trained):
+            raise CompressError(f"written with fixed-point coding networks, which this run has none of "
+                                f"({networks.why_not_exact(trained.vae)})")
+        codec = _BitsBack(trained, coder, _grids(trained, header.precision, header.marginals), header.k, header.widen,
+                          header.exact)
+        if device != "cpu" and not header.exact:
+            raise CompressError(f"--device {device}: this file's coding networks are floating-point ones, which "
+                                "decode only on the CPU kernels that wrote it")
+        with _coding(trained.vae, header.exact, device), _bar(header.num_images, "decode", progress) as bar:
             for size in reversed(sizes):  # a stack: the last batch coded comes off first
                 images[end - size:end], batch_labels = codec.decode_batch(size)
                 if restored is not None:
@@ -849,212 +911,20 @@ def decode(run, data: bytes, *, labels: bool = False, progress: bool | None = No
                 bar.update(size)
         seed = coder.get_compressed(unseal=True)
     except (ValueError, RuntimeError, OverflowError, AssertionError, IndexError) as e:  # words not its own
+        if not header.exact:
+            raise CompressError(f"the coded words do not decode here ({e}){header.not_portable()}") from e
         raise CompressError(f"damaged: the coded words do not decode ({e})") from e
     if not np.array_equal(seed, _seed_words(header.seed_words)) or \
             _images_sha256(images, restored) != header.images_sha256:
-        raise CompressError("the decoded images do not match the checksum the file records (damaged, or the "
-                            "networks computed other probabilities here: another CPU or torch version?)")
+        if not header.exact:
+            raise CompressError(f"the decoded images do not match the checksum the file records{header.not_portable()}")
+        raise CompressError("damaged: the decoded images do not match the checksum the file records")
     return (images, restored) if labels else images
 
 
-# The command line
+from .cli import (binarized_test_images, binarized_test_split, build_parser, elbo_bits,  # noqa: E402
+                  general_purpose_bits, labels_path, main, report)
 
-
-def elbo_bits(run: TrainedVAE, images: np.ndarray, labels: np.ndarray | None = None, batch_size: int = 500,
-              seed: int = 0, progress: bool | None = None) -> np.ndarray:
-    """-ELBO of each image in bits (single-sample, z drawn with this seed); with labels, of image and label."""
-    from .evaluate import elbo_per_image
-
-    x = torch.from_numpy(images).float().reshape(-1, *IMAGE_SHAPE)
-    y = None if labels is None else torch.from_numpy(labels)
-    values = []
-    with torch.random.fork_rng(devices=[]), _bar(len(x), "-ELBO", progress) as bar:
-        torch.manual_seed(seed)
-        for start in range(0, len(x), batch_size):
-            values.append(elbo_per_image(run.vae, x[start:start + batch_size],
-                                         None if y is None else y[start:start + batch_size]))
-            bar.update(len(values[-1]))
-    return -torch.cat(values).double().numpy() / math.log(2)
-
-
-def binarized_test_split(trained: TrainedVAE, limit: int = 0, data_dir: str | None = None
-                         ) -> tuple[np.ndarray, np.ndarray]:
-    """The run's first `limit` test images (0: all), binarized as evaluation binarizes them: uint8 (N, 28, 28), and
-    their labels (N,) int64."""
-    config = trained.config
-    data = load_mnist(data_dir or config.data_dir, binarize=config.binarize, download=config.download,
-                      test_size=config.test_size, split="test")
-    images, labels = data.test_images, data.test_labels
-    if limit:
-        images, labels = images[:limit], labels[:limit]
-    return images.reshape(-1, *IMAGE_SHAPE[1:]).to(torch.uint8).numpy(), labels.to(torch.int64).numpy()
-
-
-def binarized_test_images(trained: TrainedVAE, limit: int = 0, data_dir: str | None = None) -> np.ndarray:
-    """The run's first `limit` test images (0: all), binarized as evaluation binarizes them: uint8 (N, 28, 28)."""
-    return binarized_test_split(trained, limit, data_dir)[0]
-
-
-
-def _read_array(path: str, what: str) -> np.ndarray:
-    try:
-        return np.load(path, allow_pickle=False)
-    except OSError as e:
-        raise BadImages(f"cannot read {path}: {e.strerror or e}") from e
-    except (ValueError, EOFError) as e:
-        raise BadImages(f"{path} is not a .npy array of {what}") from e
-
-
-def _check_writable(path: Path) -> None:
-    """Refuse before the work, not after it, a file that cannot be written."""
-    if not path.parent.is_dir():
-        raise CompressError(f"cannot write {path}: no directory {path.parent}")
-    if path.is_dir():
-        raise CompressError(f"cannot write {path}: it is a directory")
-
-
-def _write_atomically(path: Path, write) -> None:
-    """Write a file whole or not at all (checkpoint.write_atomically); a failure is a CompressError."""
-    try:
-        write_atomically(path, write)
-    except OSError as e:
-        raise CompressError(f"cannot write {path}: {e.strerror or e}") from e
-
-
-def labels_path(out: Path) -> Path:
-    """Where --decode writes the labels of a labelled file: OUT.labels.npy beside OUT.npy."""
-    return out.with_name(out.name.removesuffix(".npy") + ".labels.npy")
-
-
-def general_purpose_bits(images: np.ndarray) -> dict[str, int]:
-    """Bits that gzip -9, bz2 -9 and lzma (xz -6) take for the same images, packed 8 pixels to a byte."""
-    import bz2
-    import gzip
-    import lzma
-
-    packed = np.packbits(images).tobytes()
-    return {"gzip -9": 8 * len(gzip.compress(packed, 9, mtime=0)), "bz2 -9": 8 * len(bz2.compress(packed, 9)),
-            "lzma": 8 * len(lzma.compress(packed))}
-
-
-def report(data: bytes, minus_elbo_bits: np.ndarray, seconds: float, others: dict[str, int] | None = None,
-           bound_bits: np.ndarray | None = None) -> str:
-    """The figures of a compressed file against the bound it coded at, the model's -ELBO (and other compressors)."""
-    header = read_header(data)
-    n, bits = header.num_images, 8 * len(data)
-    elbo = minus_elbo_bits.sum()
-    initial = 32 * (header.seed_words + 1)  # the seed words and the word constriction's seal adds
-    overhead = f"{100 * (bits - elbo) / elbo:+.2f}%: header {8 * header.size} bits, initial bits {initial}"
-    bound = [] if bound_bits is None else [
-        (f"bound coded, K = {header.k}", bound_bits.sum(), "-log of each image's own estimate" if header.k > 1 else
-         "log q - log p at each image's own draw")]
-    rows = [("bits-back ANS (file)", bits, ""), *bound, ("-ELBO (same images)", elbo, ""),
-            ("file - (-ELBO)", bits - elbo, overhead),
-            *((name, b, "same bits, packed") for name, b in (others or {}).items())]
-    lines = [f"  {n} images{' and labels' if header.labelled else ''} in {len(data)} bytes, K = {header.k}, "
-             f"encoded in {seconds:.1f} s", f"  {'':26s} {'bits/image':>11s} {'bits/pixel':>11s}"]
-    lines += [f"  {name:26s} {b / n:11.2f} {b / (n * PIXELS):11.4f}   {note}".rstrip() for name, b, note in rows]
-    return "\n".join(lines)
-
-
-def build_parser(prog: str = "python -m pyro_vae.compress") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        usage=f"{prog} RUN FILE [--images IN.npy [--labels L.npy]] [--limit N] [--k K]\n"
-              f"       {prog} --decode FILE OUT.npy [--run RUN]",
-        description="Compress binary MNIST losslessly with bits-back ANS from a trained run's model and guide, "
-                    "or (--decode) restore the images (and, for a label-conditioned run, their labels into "
-                    "OUT.labels.npy). By default the run's first N test images (and labels), binarized as "
-                    "evaluation binarizes them.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("paths", nargs=2, metavar="PATH", help="RUN FILE to encode; with --decode, FILE OUT.npy")
-    parser.add_argument("--decode", action="store_true", help="restore the images of FILE into OUT.npy")
-    parser.add_argument("--images", default=None, help="a .npy uint8 array (N, 28, 28) of 0 and 1 to encode")
-    parser.add_argument("--labels", default=None, help="with --images and a label-conditioned run: a .npy array "
-                                                       "(N,) of their digits")
-    parser.add_argument("--limit", type=int, default=0, help="encode the first N test images (0: all)")
-    parser.add_argument("--k", type=int, default=None,
-                        help=f"importance samples per image (default: {DEFAULT_K} for one layer, 1 for a hierarchy)")
-    parser.add_argument("--widen", type=float, default=None,
-                        help=f"with --k 2 or more: the draws' deviations over q's (default: {DEFAULT_WIDEN})")
-    parser.add_argument("--precision", type=int, default=PRECISION, help="2^P bins per latent dimension")
-    parser.add_argument("--max-batch", type=int, default=MAX_BATCH, help="most images per batch")
-    parser.add_argument("--data-dir", default=None, help="where MNIST is unpacked (default: the run's --data-dir)")
-    parser.add_argument("--run", default=None, help="with --decode: the run to use instead of the one FILE records")
-    return parser
-
-
-def _encode_command(args) -> None:
-    run, file = args.paths[0], Path(args.paths[1])
-    _check_writable(file)
-    images = check_images(_read_array(args.images, "numbers")) if args.images else None
-    labels = _read_array(args.labels, "digits") if args.labels else None
-    trained, path = _load(run, args.k)
-    if images is None:
-        images, test_labels = binarized_test_split(trained, args.limit, args.data_dir)
-        labels = test_labels if trained.vae.conditional else None
-    labels = _labels_for(trained, labels, len(images))
-    started = time.perf_counter()
-    data, bound = _encode(trained, path, images, labels, k=args.k, widen=args.widen, precision=args.precision,
-                          max_batch=args.max_batch)
-    seconds = time.perf_counter() - started
-    _write_atomically(file, lambda f: f.write(data))
-    print(f"pyro_vae.compress: {run} -> {file}")
-    print(report(data, elbo_bits(trained, images, labels), seconds, general_purpose_bits(images), bound))
-
-
-def _decode_command(args) -> None:
-    started = time.perf_counter()
-    file, out = Path(args.paths[0]), Path(args.paths[1])
-    _check_writable(out)
-    try:
-        data = file.read_bytes()
-    except OSError as e:
-        raise CompressError(f"cannot read {file}: {e.strerror or e}") from e
-    try:
-        images, labels = decode(args.run, data, labels=True)
-    except CompressError as e:
-        raise CompressError(f"{file}: {e}") from e
-    # only images that passed the checksum; the labels first, so that OUT.npy exists only beside its labels
-    if labels is not None:
-        _write_atomically(labels_path(out), lambda f: np.save(f, labels))
-    _write_atomically(out, lambda f: np.save(f, images))
-    print(f"pyro_vae.compress: restored {len(images)} images{' and labels' if labels is not None else ''} from "
-          f"{file} into {out}{f' and {labels_path(out)}' if labels is not None else ''} "
-          f"in {time.perf_counter() - started:.1f} s")
-
-
-def main(argv=None, prog: str = "python -m pyro_vae.compress") -> int:
-    """The command line: exit 2 on bad flags or images, 1 on a file, run or model that cannot be used."""
-    parser = build_parser(prog)
-    args = parser.parse_args(argv)
-    if args.decode and (args.images or args.labels or args.limit or args.k is not None or args.widen is not None):
-        parser.error("--images, --labels, --limit, --k and --widen are for encoding, not --decode")
-    if not args.decode and args.run:
-        parser.error("--run is for --decode; to encode, RUN is the first path")
-    if args.images and args.limit:
-        parser.error("--limit takes test images; with --images, give only the images to encode")
-    if args.labels and not args.images:
-        parser.error("--labels goes with --images (test images come with their own labels)")
-    if args.limit < 0:
-        parser.error(f"--limit must be at least 0, not {args.limit}")
-    problems = setting_problems(args.k, args.widen, args.precision, args.max_batch)
-    if problems:
-        parser.error(problems[0])
-    try:
-        (_decode_command if args.decode else _encode_command)(args)
-    except KeyboardInterrupt:
-        print("\npyro_vae.compress: interrupted; nothing written", file=sys.stderr)
-        return 130
-    except BadImages as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (CompressError, CheckpointError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+__all__ = ["BadImages", "CompressError", "Header", "batch_sizes", "binarized_test_images", "binarized_test_split",
+           "build_parser", "check_images", "check_labels", "decode", "elbo_bits", "encode", "general_purpose_bits",
+           "labels_path", "main", "marginals", "portable", "read_header", "report", "unsupported", "weights_sha256"]
