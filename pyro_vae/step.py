@@ -17,6 +17,7 @@ from .config import Config
 from .data import IMAGE_SHAPE
 from .estimators import make_elbo
 from .model import VAE
+from .precision import autocast, resolve
 
 
 class Objective(ELBOModule):
@@ -57,6 +58,9 @@ class SVIStep:
         self.params = list(vae.parameters())
         device = self.params[0].device
         self.capture = config.cuda_graph and device.type == "cuda" and not ranks.active
+        # bf16: the networks run under autocast, in the step's forward pass only (the backward follows the forward's
+        # dtypes); train() has resolved auto already, and a step made outside it resolves it here
+        self.precision = resolve(config.precision, device)[0]
         # On CUDA torch's fused Adam: one kernel for all parameters, where the default (foreach) launches a
         # dozen and spends more host time on them than the step's arithmetic; on the CPU torch's default.
         # capturable: Adam's step counts on the device, which a captured step can update (fused keeps them
@@ -122,7 +126,8 @@ class SVIStep:
         with self._after_first_step(), self._on_capture_stream():
             if self._graphs:  # a captured step left its static gradients on the parameters
                 self.optimizer.zero_grad(set_to_none=True)
-            loss = self.objective(x, y)
+            with autocast(self.precision, x.device):
+                loss = self.objective(x, y)
             loss.backward()  # under DDP this also averages the gradients over the ranks
             loss = loss.detach()
             if self.ranks.active:
@@ -229,7 +234,8 @@ class _CapturedStep:
         weight, svi.vae.kl_weight = svi.vae.kl_weight, self.kl_weight  # the model reads the tensor, not a float
         try:
             with pyro.validation_enabled(False), torch.cuda.graph(self.graph, stream=svi._stream):
-                loss = svi.objective(self.x, self.y)
+                with autocast(svi.precision, x.device, cache_enabled=False):  # bf16 inside the captured region
+                    loss = svi.objective(self.x, self.y)
                 loss.backward()
                 svi.optimizer.step()
         finally:

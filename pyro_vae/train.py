@@ -27,7 +27,7 @@ from .config import Config, parse_command_line
 from .data import DataError, load_mnist
 from .estimators import make_elbo  # noqa: F401 (tests and benchmarks import it from here)
 from .evaluate import elbo_and_kl_per_image
-from . import distributed, plot
+from . import distributed, plot, precision
 from .model import build_vae
 from .step import GRAPH_WARMUP_STEPS, MAX_GRAPHS, Objective, SVIStep  # noqa: F401 (SVIStep's home is step.py)
 from .tensorboard_log import FOLDER as TENSORBOARD_FOLDER, epoch_board
@@ -281,6 +281,10 @@ def train(config: Config, overwrite: bool = False, stop_after: int = 0, tensorbo
     checkpoint (Paused) after that many epochs, for resume to continue. tensorboard: also write each epoch
     into RUN/tensorboard."""
     ranks = distributed.setup(torch.device(config.device).type)
+    if config.precision == "auto":  # decided once, here: the run's config (and every checkpoint) holds the choice
+        config.precision, why = precision.resolve(config.precision, torch.device(config.device))
+        if ranks.is_main:
+            print(f"pyro_vae: --precision auto: {config.precision} ({why})", flush=True)
     lock = None
     if ranks.is_main:  # under torchrun only rank 0 writes the run directory
         out, lock = make_run_dir(config, overwrite)
