@@ -122,6 +122,10 @@ class Config:
     cuda_graph: bool = _opt(True, "on CUDA, capture the training step in a CUDA graph after a few eager steps and "
                                   "replay it (--no-cuda-graph: every step eager; ignored on the CPU and under "
                                   "torchrun)")
+    precision: str = _opt("fp32", "the networks' precision: bf16 (autocast; parameters, log-probs and the ELBO stay "
+                                  "fp32), fp32, or auto: bf16 where the device runs it natively (a CPU with "
+                                  "avx512_bf16 or amx_bf16, a GPU with bf16), else fp32; a run saves what auto chose",
+                          choices=("auto", "bf16", "fp32"))
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}

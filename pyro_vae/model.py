@@ -17,13 +17,15 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
+from pyro.nn import AutoRegressiveNN, ConditionalAutoRegressiveNN, ConditionalDenseNN, DenseNN
 from torch import nn
 from torch.nn import functional as F
 
 from .data import NUM_CLASSES
 from .guides import make_posterior, precision_weighted
 from .likelihoods import LIKELIHOODS, make_likelihood
-from .nets import ladder_pass, make_classifier, make_hierarchy_nets, make_nets
+from .nets import (Classifier, Decoder, Encoder, GaussianLayer, PixelCNN, ladder_pass, make_classifier,
+                   make_hierarchy_nets, make_nets)
 from .priors import make_prior
 
 
@@ -158,7 +160,8 @@ def build_vae(config, num_data: int | None = None) -> VAE:
               classifier, conditional=config.conditional, num_data=num_data,
               classifier_weight=config.classifier_weight, top_down=top_down, bottom_up=bottom_up,
               ladder=posterior.top_down)
-    return _convolutions_in_device_layout(vae)  # the one place the layout is chosen (MEMORY_FORMAT)
+    vae = _convolutions_in_device_layout(vae)  # the one place the layout is chosen (MEMORY_FORMAT)
+    return _outputs_in_fp32(vae)  # the one boundary between bf16 networks and fp32 distributions
 
 
 # The memory layout the networks' convolutions run in, per type of device. On the CPU oneDNN's kernels run faster
@@ -190,6 +193,35 @@ def _convolutions_in_device_layout(vae: nn.Module) -> nn.Module:
     for module in vae.modules():
         if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
             module.register_forward_pre_hook(_input_in_layout)
+    return vae
+
+
+# The networks whose outputs become the parameters of a distribution: under bf16 autocast (precision.py) they
+# compute in bf16, and their outputs are cast back to fp32 here, so every log-prob Pyro sums, the ELBO, the guide's
+# scale and every KL are fp32. Pyro's own networks are those of the iaf guide and the flow prior's transforms.
+NETWORKS = (Encoder, Decoder, GaussianLayer, Classifier, PixelCNN,
+            AutoRegressiveNN, ConditionalAutoRegressiveNN, DenseNN, ConditionalDenseNN)
+
+
+def _in_fp32(output):
+    """A network's output (a tensor or a tuple of them), each floating tensor in fp32 (a no-op for fp32 ones)."""
+    if isinstance(output, torch.Tensor):
+        return output.float() if output.is_floating_point() else output
+    if isinstance(output, tuple):
+        return tuple(_in_fp32(t) for t in output)
+    return output
+
+
+def _outputs_in_fp32(vae: nn.Module) -> nn.Module:
+    """vae, the output of each of its NETWORKS cast to fp32 (the outermost only: a network inside one keeps its
+    dtype, so bf16 runs through the network whole)."""
+    def outermost(module: nn.Module, inside: bool = False):
+        for child in module.children():
+            if isinstance(child, NETWORKS) and not inside:
+                child.register_forward_hook(lambda m, args, output: _in_fp32(output))
+                yield child
+            yield from outermost(child, inside or isinstance(child, NETWORKS))
+    list(outermost(vae))
     return vae
 
 

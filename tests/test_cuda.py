@@ -16,7 +16,7 @@ import torch
 from pyro import poutine
 
 import pyro_vae
-from pyro_vae import train as train_module
+from pyro_vae import step as step_module
 from pyro_vae.checkpoint import read_checkpoint
 from pyro_vae.config import Config
 from pyro_vae.data import load_mnist
@@ -147,13 +147,13 @@ def test_a_captured_run_interrupted_on_cuda_resumes_to_the_same_end(small_config
     resumes, captured again, to the parameters of the uninterrupted run; its Adam state also loads eagerly."""
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)  # the comparison below needs repeatable convs
     captures = []
-    real_capture = train_module._CapturedStep.__init__
+    real_capture = step_module._CapturedStep.__init__
 
     def counted(self, *args, **kwargs):
         real_capture(self, *args, **kwargs)
         captures.append(self)
 
-    monkeypatch.setattr(train_module._CapturedStep, "__init__", counted)
+    monkeypatch.setattr(step_module._CapturedStep, "__init__", counted)
     config = _cuda_run(small_config, epochs=3)
     straight = train(dataclasses.replace(config, out=str(tmp_path / "straight")))
     assert len(captures) == 1

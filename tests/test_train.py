@@ -17,7 +17,7 @@ import pyro_vae
 from pyro_vae.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from pyro_vae.config import Config
 from pyro_vae.model import build_vae
-from pyro_vae import train as train_module
+from pyro_vae import step as step_module, train as train_module
 from pyro_vae.train import SVIStep, main, make_elbo, train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -174,7 +174,7 @@ def test_a_step_that_cannot_be_captured_trains_on_eagerly_after_one_line(fails_i
     warm-up step (run with every wait for the GPU an error) or in the capture itself, one line says so and
     training goes on eagerly, exactly as if no capture had been tried."""
     if fails_in == "the capture":
-        monkeypatch.setattr(train_module, "_waits_raise", contextlib.nullcontext)
+        monkeypatch.setattr(step_module, "_waits_raise", contextlib.nullcontext)
     config = Config(conv_channels=(4, 8), latent_dim=4, device="cpu")
     batches = [torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(s)).bernoulli() for s in range(3)]
     runs = []
