@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 from .checkpoint import (CHECKPOINT_NAME, METRICS_NAME, CheckpointError, read_checkpoint, run_directory,
                          save_checkpoint, write_atomically)
 from .config import Config, parse_command_line
-from .data import IMAGE_SHAPE, DataError, load_mnist
+from .data import DataError
+from .datasets import fill_config, load_data
 from .estimators import make_elbo
 from .evaluate import elbo_and_kl_per_image
 from . import distributed, plot
@@ -229,7 +230,7 @@ class SVIStep:
     """
 
     def __init__(self, vae: VAE, config: Config, ranks: distributed.Ranks = distributed.Ranks(), stop=None):
-        self.vae = vae
+        self.vae, self.image_shape = vae, config.shape()
         self.model, self.guide = vae.model, vae.guide
         self.elbo = make_elbo(config)
         self.params = list(vae.parameters())
@@ -278,7 +279,7 @@ class SVIStep:
         semi-supervised model with --classifier-weight 0 uses q(y | x) on unlabelled batches only. Found on
         two blank images, on a side random stream."""
         vae = self.vae
-        x = torch.zeros(2, *IMAGE_SHAPE, device=device)
+        x = torch.zeros(2, *self.image_shape, device=device)
         kinds = [torch.zeros(2, dtype=torch.long, device=device)] if vae.conditional else []
         if not vae.conditional or vae.classifier is not None:
             kinds.append(None)  # the unlabelled batch
@@ -573,8 +574,10 @@ def _loop(config: Config, out: Path, state: dict | None, ranks: distributed.Rank
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # every training batch has one shape: time the conv algorithms once
     pyro.set_rng_seed(config.seed)
-    data = load_mnist(config.data_dir, binarize=config.binarize, device=device, download=config.download,
-                      train_size=config.train_size, test_size=config.test_size)
+    data = load_data(config, device=device)
+    fill_config(config, data)  # the networks are sized from the data, and the checkpoint says how
+    if state is None and ranks.is_main:
+        config.save(out / "config.json")
     if config.labels:
         data.keep_labels(config.labels, config.seed)
     try:
