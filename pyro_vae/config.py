@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .data import MNIST_TEST, MNIST_TRAIN
+from .data import IMAGE_SHAPE, MNIST_TEST, MNIST_TRAIN, NUM_CLASSES
 
 
 def default_device() -> str:
@@ -78,6 +78,8 @@ class Config:
                                       "decoder's feature map of z", minimum=1)
     pixelcnn_layers: int = _opt(3, "with --likelihood pixelcnn: residual masked convolutions after the first",
                                 minimum=0)
+    logistic_components: int = _opt(10, "with --likelihood logistic-mixture: logistics in each pixel's mixture",
+                                    minimum=1)
     pixelcnn_kernel: int = _opt(3, "with --likelihood pixelcnn: kernel size of its masked convolutions (odd); "
                                    "each pixel sees (layers + 1) * (kernel // 2) rows above and columns either side",
                                 minimum=3)
@@ -115,6 +117,19 @@ class Config:
     test_size: int = _opt(0, "use only the first N test images (0: all 10,000)", minimum=0)
     data_dir: str = _opt("~/.cache/pyro_vae", "where MNIST is unpacked (torchvision layout: DATA_DIR/MNIST/raw)")
     download: bool = _opt(False, "let torchvision download MNIST into --data-dir instead of using the shipped files")
+    dataset: str = _opt("mnist", "which IDX data set: mnist (the shipped files), fashion-mnist or kmnist (their four "
+                                 ".gz files in --data-dir, or --download)",
+                        choices=("mnist", "fashion-mnist", "kmnist"))
+    data: str = _opt("", "your own images instead of --dataset: a folder of images (class subfolders give labels) or "
+                         "a .npy/.npz array; see docs/own_data.md")
+    image_size: int = _opt(0, "with --data: resize every image to this side (0: keep the data's size)", minimum=0)
+    test_fraction: float = _opt(0.1, "with --data: the share of the images held out as the test set (a fixed "
+                                     "split)", minimum=0.0, maximum=0.9)
+    image_shape: tuple = _opt((), "channels, height, width of the images: filled in from the data when training "
+                                  "begins and saved in the checkpoint (given, it must match the data)", minimum=1,
+                              nargs=3)
+    num_classes: int = _opt(0, "classes of the labels: filled in from the data when training begins (0: from the "
+                               "data; 1: unlabelled)", minimum=0)
     # where and how
     device: str = _opt(default_device, "torch device (default: cuda when available, else cpu)")
     out: str = _opt("", "run directory (default: runs/<date>-<time>)")
@@ -145,6 +160,14 @@ class Config:
     def describe(self) -> str:
         return "\n".join(f"  {k:16s} {v}" for k, v in self.to_dict().items())
 
+    def shape(self) -> tuple:
+        """(C, H, W) of the images; a config without one (before training, or an old checkpoint's) is MNIST's."""
+        return tuple(self.image_shape) or IMAGE_SHAPE
+
+    def classes(self) -> int:
+        """The number of label classes; a config without one is MNIST's ten digits."""
+        return self.num_classes or NUM_CLASSES
+
     def layer_dims(self) -> tuple:
         """Widths of z_1 .. z_L."""
         upper = self.upper_dims * (self.layers - 1) if len(self.upper_dims) == 1 else self.upper_dims
@@ -163,12 +186,9 @@ class Config:
         if not self.studentt_df > 0:  # also refuses nan
             problems.append(f"--studentt-df must be positive, not {self.studentt_df}")
         problems += self._combination_errors()
-        for name in ("train_size", "test_size"):
-            limit = {"train_size": MNIST_TRAIN, "test_size": MNIST_TEST}[name]
-            if getattr(self, name) > limit:
-                problems.append(f"{_flag(name)} must be at most {limit}, not {getattr(self, name)}")
+        problems += self._data_errors()
         train_n = self.train_size or MNIST_TRAIN
-        if self.batch_size > train_n:
+        if self.batch_size > train_n and not self.data:  # your own data's size is checked when it is read
             problems.append(f"--batch-size must be at most the number of training images ({train_n}), "
                             f"not {self.batch_size}")
         world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
@@ -182,6 +202,20 @@ class Config:
                             "use --device cpu")
         return problems
 
+
+    def _data_errors(self) -> list[str]:
+        """The data flags that go together; the MNIST-family data sets' split sizes."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        if self.data:
+            return [f"--data and --dataset {self.dataset} are two sources of images: give one"] \
+                if self.dataset != defaults["dataset"] else []
+        problems = [f"{_flag(name)} needs --data (your own images); --dataset {self.dataset} has its own split"
+                    for name in ("image_size", "test_fraction") if getattr(self, name) != defaults[name]]
+        for name in ("train_size", "test_size"):
+            limit = {"train_size": MNIST_TRAIN, "test_size": MNIST_TEST}[name]
+            if getattr(self, name) > limit:
+                problems.append(f"{_flag(name)} must be at most {limit}, not {getattr(self, name)}")
+        return problems
 
     def _combination_errors(self) -> list[str]:
         """What the chosen pieces (prior, likelihood, guide) say they need, and the flags that go together."""

@@ -120,9 +120,13 @@ def read_idx(path: Path) -> torch.Tensor:
 
     torchvision's reader would do, but importing torchvision imports torch._dynamo: about 10 s a command here.
     """
-    data = Path(path).read_bytes()
+    return parse_idx(Path(path).read_bytes(), path)
+
+
+def parse_idx(data: bytes, name) -> torch.Tensor:
+    """The tensor an IDX file's bytes hold (see read_idx); name says which file, in the error."""
     if data[:3] != b"\0\0\x08":
-        raise ValueError(f"{path} is not an IDX file of unsigned bytes")
+        raise ValueError(f"{name} is not an IDX file of unsigned bytes")
     ndim = data[3]
     shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
     return torch.frombuffer(bytearray(data[4 + 4 * ndim:]), dtype=torch.uint8).view(shape)
@@ -152,6 +156,12 @@ class MNIST:
     test_labels: torch.Tensor
     binarize: str
     labelled: torch.Tensor | None = None  # semi-supervised: indices of the only training labels used
+    num_classes: int = NUM_CLASSES  # of the labels (1: unlabelled images, all labelled 0)
+
+    @property
+    def image_shape(self) -> tuple:
+        """(C, H, W) of one image."""
+        return tuple((self.train_images if len(self.train_images) else self.test_images).shape[1:])
 
     @property
     def num_train(self) -> int:
@@ -162,9 +172,9 @@ class MNIST:
         generator = torch.Generator().manual_seed(seed)
         labels = self.train_labels.cpu()
         chosen = []
-        for digit in range(10):
+        for digit in range(self.num_classes):
             where = (labels == digit).nonzero().squeeze(1)
-            take = n // 10 + (1 if digit < n % 10 else 0)
+            take = n // self.num_classes + (1 if digit < n % self.num_classes else 0)
             chosen.append(where[torch.randperm(len(where), generator=generator)[:take]])
         self.labelled = torch.cat(chosen).sort().values.to(self.train_labels.device)
 
@@ -237,11 +247,19 @@ def load_mnist(data_dir: str | Path = "~/.cache/pyro_vae", *, binarize: str = "d
             images, labels = torch.empty(0, *IMAGE_SHAPE[1:], dtype=torch.uint8), torch.empty(0, dtype=torch.long)
         if size:
             images, labels = images[:size], labels[:size]
-        splits.append((images.unsqueeze(1).float().div_(255), labels))
-    (train_x, train_y), (test_x, test_y) = splits
+        splits.append((images.unsqueeze(1), labels))
+    return as_data(*splits, binarize=binarize, device=device)
+
+
+def as_data(train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor], *, binarize: str,
+            device="cpu", num_classes: int = NUM_CLASSES) -> MNIST:
+    """A data set from uint8 images (N, C, H, W) and labels (N,) of each split: pixels in [0, 1], binarized as asked
+    (the dynamic test set drawn once, with TEST_BINARIZATION_SEED), on `device`."""
+    (train_x, train_y), (test_x, test_y) = ((x.float().div_(255), y) for x, y in (train, test))
     if binarize == "threshold":
         train_x, test_x = (train_x > 0.5).float(), (test_x > 0.5).float()
     elif binarize == "dynamic":
         generator = torch.Generator().manual_seed(TEST_BINARIZATION_SEED)
         test_x = torch.bernoulli(test_x, generator=generator)
-    return MNIST(train_x.to(device), train_y.to(device), test_x.to(device), test_y.to(device), binarize)
+    return MNIST(train_x.to(device), train_y.to(device), test_x.to(device), test_y.to(device), binarize,
+                 num_classes=num_classes)

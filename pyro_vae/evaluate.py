@@ -25,7 +25,8 @@ from tqdm import tqdm
 
 from .checkpoint import PRETRAINED, CheckpointError, load, run_directory, write_atomically
 from .config import default_device
-from .data import DataError, load_mnist
+from .data import DataError
+from .datasets import load_data
 from .model import MEMORY_FORMAT
 from .trained import TrainedVAE
 
@@ -489,8 +490,7 @@ def evaluate_run(run, *, k: int = 1000, limit: int = 0, batch_size: int | None =
         path, run = str(run), load(run, device=device or default_device())
     config, device = run.config, run.device
     # the test split exactly as training reported it; the training images are not read
-    data = load_mnist(data_dir or config.data_dir, binarize=config.binarize, device=device,
-                      download=config.download, test_size=config.test_size, split="test")
+    data = load_data(config, device=device, split="test", data_dir=data_dir)
     images, labels = data.test_images, data.test_labels
     if limit:
         images, labels = images[:limit], labels[:limit]
@@ -562,6 +562,7 @@ def evaluate_run(run, *, k: int = 1000, limit: int = 0, batch_size: int | None =
         "kl": _summary(totals, "kl", n),  # KL(q(z | x) || p(z)) for whatever prior; conditional: KL(q(z|x,y) || p(z|y))
         **label,
         "gap": _summary(totals, "gap", n),  # how far the K-sample bound rises above the ELBO
+        "dimensions": math.prod(config.shape()),  # of an image: what bits per dimension divide by
         "kl_per_dim_to_standard_normal": (totals["kl_per_dim"] / n).tolist(),
         "posterior_mean_variance": mean_variance.tolist(),
         "active_units": int((mean_variance > ACTIVE_UNIT_THRESHOLD).sum()),
@@ -599,6 +600,11 @@ def format_table(results: dict) -> str:
     rows = [(label, key) for label, key in rows if key in r]
     for label, key in rows:
         lines.append(f"  {label:42s} {r[key]['mean']:9.2f} {r[key]['stderr']:9.2f}")
+    if "dimensions" in r:  # -log2 p(x) per pixel channel: 8 is the uniform code of 8-bit pixels
+        per_dim = r["dimensions"] * math.log(2)
+        lines += ["", f"  {'bits per dimension (%d per image)' % r['dimensions']:42s} {'mean':>9s} {'std. err.':>9s}"]
+        lines += [f"  {label:42s} {-r[key]['mean'] / per_dim:9.4f} {r[key]['stderr'] / per_dim:9.4f}"
+                  for label, key in (("-ELBO", "elbo"), (f"-log p({joint}), K = {r['k']}", "log_px"))]
     if r["guide"] == "delta":
         lines.append("  note: q(z|x) is a point mass (--guide delta): these are log p(x, z*), not bounds on log p(x)")
     if r.get("layers"):  # a hierarchical VAE: the KL and active units of each layer; the table below is z's

@@ -21,7 +21,6 @@ from pyro.nn import AutoRegressiveNN, ConditionalAutoRegressiveNN, ConditionalDe
 from torch import nn
 from torch.nn import functional as F
 
-from .data import NUM_CLASSES
 from .guides import make_posterior, precision_weighted
 from .likelihoods import LIKELIHOODS, make_likelihood
 from .nets import (Classifier, Decoder, Encoder, GaussianLayer, PixelCNN, ladder_pass, make_classifier,
@@ -41,11 +40,12 @@ class VAE(nn.Module):
     def __init__(self, encoder: nn.Module, decoder: nn.Module, prior: nn.Module, likelihood: nn.Module,
                  posterior: nn.Module, classifier: nn.Module | None = None, *, conditional: bool = False,
                  num_data: int | None = None, classifier_weight: float = 0.0, top_down: nn.ModuleList | None = None,
-                 bottom_up: nn.ModuleList | None = None, ladder: bool = False):
+                 bottom_up: nn.ModuleList | None = None, ladder: bool = False, num_classes: int = 10):
         super().__init__()
         self.encoder, self.decoder, self.posterior = encoder, decoder, posterior
         self.prior, self.likelihood, self.classifier = prior, likelihood, classifier
         self.conditional = conditional
+        self.num_classes = num_classes  # of the label y, with conditional
         self.num_data = num_data  # size of the training set, so a minibatch estimates the whole-data ELBO
         self.kl_weight = 1.0  # beta (times the warm-up factor): scales log p(z) and log q(z | x) alike
         self.classifier_weight = classifier_weight  # weight of log q(y | x) on labelled images (Kingma M2)
@@ -84,10 +84,10 @@ class VAE(nn.Module):
         return self._arange[key]
 
     def _one_hot(self, y: torch.Tensor | None) -> torch.Tensor | None:
-        return None if y is None else F.one_hot(y, NUM_CLASSES).float()
+        return None if y is None else F.one_hot(y, self.num_classes).float()
 
     def model(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
-        """z ~ p(z); x ~ p(x | z) for each image x (B, 1, 28, 28); conditional: y ~ p(y) first; with L layers
+        """z ~ p(z); x ~ p(x | z) for each image x (B, C, H, W); conditional: y ~ p(y) first; with L layers
         z_L ~ p(z_L), then z_l ~ p(z_l | z_l+1) down to z (= z_1)."""
         if self.declare_modules:  # how Pyro's own optimizers find the parameters (see modules_declared)
             pyro.module("prior", self.prior)
@@ -98,7 +98,7 @@ class VAE(nn.Module):
         y = None
         with self._data_plate(x):
             if self.conditional:
-                uniform = torch.zeros(NUM_CLASSES, device=x.device)
+                uniform = torch.zeros(self.num_classes, device=x.device)
                 y = pyro.sample("y", dist.Categorical(logits=uniform), obs=labels)  # (B,), or enumerated (10, 1)
             with poutine.scale(scale=self.kl_weight):  # beta on every layer
                 z = pyro.sample(self.sites[-1], self.prior(y))  # the top layer z_L: (B, its width)
@@ -149,17 +149,17 @@ class VAE(nn.Module):
 
 def build_vae(config, num_data: int | None = None) -> VAE:
     """The VAE that config describes, on the CPU (move it with .to(device))."""
-    cond_dim = NUM_CLASSES if config.conditional else 0
+    cond_dim = config.classes() if config.conditional else 0
     encoder, decoder = make_nets(config, cond_dim, LIKELIHOODS[config.likelihood].decoder_channels(config))
     semi_supervised = config.conditional and config.labels > 0
-    classifier = make_classifier(config, NUM_CLASSES) if semi_supervised else None
+    classifier = make_classifier(config, config.classes()) if semi_supervised else None
     top_down, bottom_up = make_hierarchy_nets(config)
     prior = make_prior(config, encoder) if config.layers == 1 else _top_prior(config, encoder, bottom_up)
     posterior = make_posterior(config, encoder)
     vae = VAE(encoder, decoder, prior, make_likelihood(config), posterior,
               classifier, conditional=config.conditional, num_data=num_data,
               classifier_weight=config.classifier_weight, top_down=top_down, bottom_up=bottom_up,
-              ladder=posterior.top_down)
+              ladder=posterior.top_down, num_classes=config.classes())
     vae = _convolutions_in_device_layout(vae)  # the one place the layout is chosen (MEMORY_FORMAT)
     return _outputs_in_fp32(vae)  # the one boundary between bf16 networks and fp32 distributions
 

@@ -15,7 +15,6 @@ from torch.nn import functional as F
 
 from .data import IMAGE_SHAPE, NUM_CLASSES
 
-PIXELS = math.prod(IMAGE_SHAPE)
 MIN_SCALE = 1e-4  # floor of every Gaussian scale a network outputs: keeps the log-densities finite
 
 
@@ -37,7 +36,7 @@ def _cat(h: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
 
 
 class Encoder(nn.Module):
-    """x (..., 1, 28, 28) -> loc, scale (..., latent_dim) of a diagonal Gaussian.
+    """x (..., C, H, W) -> loc, scale (..., latent_dim) of a diagonal Gaussian.
 
     A conditioning vector c (the CVAE's one-hot label) joins at the head, or, with `cond_at_input`,
     at the first layer: a learned vector per class added to that layer's pre-activations (for an MLP
@@ -60,7 +59,7 @@ class Encoder(nn.Module):
 
     def _features(self, x: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
         batch = x.shape[:-3]
-        x = x.reshape(-1, *IMAGE_SHAPE)
+        x = x.reshape(-1, *x.shape[-3:])
         if self.cond_input is None:
             return self.features(x).reshape(*batch, -1)  # (..., feature_dim)
         if c is None:
@@ -80,13 +79,14 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """z (..., latent_dim) -> per-pixel parameters (..., C, 28, 28): Bernoulli logits (C = 1), or the feature map
-    an autoregressive likelihood conditions on (C = its channels)."""
+    """z (..., latent_dim) -> per-pixel parameters (..., P, H, W): Bernoulli logits (P = the image's channels), a
+    mixture's parameters, or the feature map an autoregressive likelihood conditions on (P = its channels)."""
 
-    def __init__(self, body: nn.Module, latent_dim: int, cond_dim: int = 0, out_channels: int = 1):
+    def __init__(self, body: nn.Module, latent_dim: int, cond_dim: int = 0, out_channels: int = 1,
+                 image_shape: tuple = IMAGE_SHAPE):
         super().__init__()
         self.latent_dim, self.cond_dim = latent_dim, cond_dim
-        self.out_shape = (out_channels, *IMAGE_SHAPE[1:])
+        self.out_shape = (out_channels, *image_shape[1:])
         self.body = body
 
     def forward(self, z: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
@@ -94,39 +94,56 @@ class Decoder(nn.Module):
         return self.body(h.reshape(-1, h.shape[-1])).reshape(*h.shape[:-1], *self.out_shape)
 
 
+class Crop(nn.Module):
+    """The top-left (H, W) of a feature map: the decoder's upsampling gives a multiple of 4, cut to the image."""
+
+    def __init__(self, height: int, width: int):
+        super().__init__()
+        self.height, self.width = height, width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[..., :self.height, :self.width]
+
+
 def conv_nets(latent_dim: int, channels=(32, 64), cond_dim: int = 0, cond_at_input: bool = False,
-              out_channels: int = 1) -> tuple[Encoder, Decoder]:
+              out_channels: int = 1, image_shape: tuple = IMAGE_SHAPE) -> tuple[Encoder, Decoder]:
     """The conv VAE of the TensorFlow and Keras tutorials: Conv 32, 64 (stride 2); ConvTranspose 64, 32, 1
-    (out_channels in place of the 1 for a likelihood that reads a feature map)."""
+    (out_channels in place of the 1 for a likelihood with more parameters per pixel). Sized from image_shape
+    (C, H, W): for MNIST's (1, 28, 28) the maps are 14 and 7 pixels wide."""
     c1, c2 = channels
+    image_channels, height, width = image_shape
+    h, w = -(-height // 4), -(-width // 4)  # each stride-2 layer halves a side, rounding up: 28 -> 14 -> 7
     features = nn.Sequential(
-        nn.Conv2d(1, c1, 3, stride=2, padding=1), nn.ReLU(),  # (B, c1, 14, 14)
-        nn.Conv2d(c1, c2, 3, stride=2, padding=1), nn.ReLU(),  # (B, c2, 7, 7)
+        nn.Conv2d(image_channels, c1, 3, stride=2, padding=1), nn.ReLU(),  # (B, c1, H / 2, W / 2)
+        nn.Conv2d(c1, c2, 3, stride=2, padding=1), nn.ReLU(),  # (B, c2, h, w)
         nn.Flatten(),
     )
     body = nn.Sequential(
-        nn.Linear(latent_dim + cond_dim, c1 * 7 * 7), nn.ReLU(),
-        nn.Unflatten(1, (c1, 7, 7)),
-        nn.ConvTranspose2d(c1, c2, 3, stride=2, padding=1, output_padding=1), nn.ReLU(),  # (B, c2, 14, 14)
-        nn.ConvTranspose2d(c2, c1, 3, stride=2, padding=1, output_padding=1), nn.ReLU(),  # (B, c1, 28, 28)
-        nn.ConvTranspose2d(c1, out_channels, 3, stride=1, padding=1),  # (B, out_channels, 28, 28)
+        nn.Linear(latent_dim + cond_dim, c1 * h * w), nn.ReLU(),
+        nn.Unflatten(1, (c1, h, w)),
+        nn.ConvTranspose2d(c1, c2, 3, stride=2, padding=1, output_padding=1), nn.ReLU(),  # (B, c2, 2h, 2w)
+        nn.ConvTranspose2d(c2, c1, 3, stride=2, padding=1, output_padding=1), nn.ReLU(),  # (B, c1, 4h, 4w)
+        nn.ConvTranspose2d(c1, out_channels, 3, stride=1, padding=1),  # (B, out_channels, 4h, 4w)
     )
-    return (Encoder(features, c2 * 7 * 7, latent_dim, cond_dim, cond_at_input),
-            Decoder(body, latent_dim, cond_dim, out_channels))
+    if (4 * h, 4 * w) != (height, width):
+        body.append(Crop(height, width))  # no parameters: the networks of a side divisible by 4 are unchanged
+    return (Encoder(features, c2 * h * w, latent_dim, cond_dim, cond_at_input),
+            Decoder(body, latent_dim, cond_dim, out_channels, image_shape))
 
 
 def mlp_nets(latent_dim: int, hidden_dim: int = 400, cond_dim: int = 0, cond_at_input: bool = False,
-             out_channels: int = 1) -> tuple[Encoder, Decoder]:
-    """The fully connected VAE of Pyro's tutorial: 784-hidden-z and back."""
-    features = nn.Sequential(nn.Flatten(), nn.Linear(PIXELS, hidden_dim), nn.Softplus())
+             out_channels: int = 1, image_shape: tuple = IMAGE_SHAPE) -> tuple[Encoder, Decoder]:
+    """The fully connected VAE of Pyro's tutorial: 784-hidden-z and back (C x H x W pixels in place of 784)."""
+    pixels = math.prod(image_shape)
+    features = nn.Sequential(nn.Flatten(), nn.Linear(pixels, hidden_dim), nn.Softplus())
     body = nn.Sequential(nn.Linear(latent_dim + cond_dim, hidden_dim), nn.Softplus(),
-                         nn.Linear(hidden_dim, out_channels * PIXELS))
+                         nn.Linear(hidden_dim, out_channels * pixels // image_shape[0]))
     return (Encoder(features, hidden_dim, latent_dim, cond_dim, cond_at_input),
-            Decoder(body, latent_dim, cond_dim, out_channels))
+            Decoder(body, latent_dim, cond_dim, out_channels, image_shape))
 
 
 class Classifier(nn.Module):
-    """x (..., 1, 28, 28) -> logits (..., num_classes) of q(y | x), for the semi-supervised model."""
+    """x (..., C, H, W) -> logits (..., num_classes) of q(y | x), for the semi-supervised model."""
 
     def __init__(self, features: nn.Module, feature_dim: int, num_classes: int = NUM_CLASSES):
         super().__init__()
@@ -134,7 +151,7 @@ class Classifier(nn.Module):
         self.head = nn.Linear(feature_dim, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.features(x.reshape(-1, *IMAGE_SHAPE)).reshape(*x.shape[:-3], -1)
+        h = self.features(x.reshape(-1, *x.shape[-3:])).reshape(*x.shape[:-3], -1)
         return self.head(h)
 
 
@@ -156,11 +173,11 @@ def glorot_(module: nn.Module) -> nn.Module:
 
 def make_nets(config, cond_dim: int = 0, out_channels: int = 1) -> tuple[Encoder, Decoder]:
     """Encoder and decoder for config.arch, initialised as config.init says; the decoder gives out_channels maps."""
-    at_input = config.label_at == "input"
+    at_input, shape = config.label_at == "input", config.shape()
     if config.arch == "mlp":
-        nets = mlp_nets(config.latent_dim, config.hidden_dim, cond_dim, at_input, out_channels)
+        nets = mlp_nets(config.latent_dim, config.hidden_dim, cond_dim, at_input, out_channels, shape)
     else:
-        nets = conv_nets(config.latent_dim, tuple(config.conv_channels), cond_dim, at_input, out_channels)
+        nets = conv_nets(config.latent_dim, tuple(config.conv_channels), cond_dim, at_input, out_channels, shape)
     if config.init == "glorot":
         nets = tuple(glorot_(net) for net in nets)
     return nets
@@ -224,8 +241,9 @@ class MaskedConv2d(nn.Conv2d):
 
 
 class PixelCNN(nn.Module):
-    """Logits of each pixel given the pixels before it and a feature map of z: (N, 1, 28, 28), (N, C, 28, 28) ->
-    (N, 1, 28, 28).
+    """Logits of each pixel given the pixels before it and a feature map of z: (N, I, H, W), (N, C, H, W) ->
+    (N, I, H, W), for images of I channels (MNIST: 1); the channels of one pixel are independent given the pixels
+    before it and z.
 
     A masked convolution that leaves out the centre reads x, then `layers` residual masked convolutions that
     include it; the feature map enters every layer through a 1x1 convolution. Pixel (i, j) sees the pixels of x
@@ -236,14 +254,14 @@ class PixelCNN(nn.Module):
     the same.
     """
 
-    def __init__(self, channels: int, layers: int, kernel: int, gated: bool = False):
+    def __init__(self, channels: int, layers: int, kernel: int, gated: bool = False, image_channels: int = 1):
         super().__init__()
         width = 2 * channels if gated else channels  # a residual layer's output: (a, b) gated, else one map
-        self.first = MaskedConv2d(1, channels, kernel, include_centre=False)
+        self.first = MaskedConv2d(image_channels, channels, kernel, include_centre=False)
         self.layers = nn.ModuleList(MaskedConv2d(channels, width, kernel, include_centre=True)
                                     for _ in range(layers))
         self.condition = nn.Conv2d(channels, channels + width * layers, 1)  # the feature map's term in every layer
-        self.out = nn.Conv2d(channels, 1, 1)
+        self.out = nn.Conv2d(channels, image_channels, 1)
         self.receptive_radius = (layers + 1) * (kernel // 2)
         self.split = [channels] + [width] * layers
         self.gated = gated
@@ -263,7 +281,8 @@ class PixelCNN(nn.Module):
         return self.out(h)
 
     def logit_at(self, x: torch.Tensor, condition: torch.Tensor, row: int, col: int) -> torch.Tensor:
-        """The logit of pixel (row, col), (N,): self(x, features)[:, 0, row, col], from condition =
+        """The logit of pixel (row, col), (N,) (of an image of I > 1 channels (N, I)): self(x, features)[:, :, row,
+        col], from condition =
         self.condition(features) (pointwise: the pixel loop computes it once per image), each layer computed only
         where the layers after it read it (the last at the pixel alone, each one before it a kernel's reach wider).
         What it reads of x lies in the receptive window: rows up to `receptive_radius` above, as many columns
@@ -287,4 +306,5 @@ class PixelCNN(nn.Module):
         for layer, term in zip(self.layers, terms[1:]):
             reach -= step
             h = narrow(h, reach) + self.activation(narrow(layer(h), reach) + part(term, reach))
-        return self.out(h)[:, 0, 0, 0]
+        logits = self.out(h)[:, :, 0, 0]  # (N, I)
+        return logits[:, 0] if logits.shape[1] == 1 else logits

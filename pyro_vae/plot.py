@@ -16,34 +16,36 @@ from pathlib import Path
 import torch
 
 from .checkpoint import METRICS_NAME, CheckpointError, load, run_directory
-from .data import IMAGE_SHAPE, MNIST_TEST, NUM_CLASSES, DataError, load_mnist
+from .data import MNIST_TEST, NUM_CLASSES, DataError
+from .datasets import load_data
 from .evaluate import grid_posteriors, posterior_params
 from .likelihoods import mean_or_draw
 from .trained import lerp, slerp
 
 
 def tile(images: torch.Tensor, nrow: int = 8, pad_value: float = 1.0, padding: int = 2) -> torch.Tensor:
-    """Images (N, 1, H, W) in [0, 1] as one (rows, cols) tensor, nrow per row, with padding between them.
+    """Images (N, C, H, W) in [0, 1] as one (rows, cols) tensor (C = 1) or (rows, cols, C), nrow per row, with
+    padding between them.
 
     The layout of torchvision's make_grid, written out here because importing torchvision imports
     torch._dynamo, which costs every command about 10 s on a 2-core machine.
     """
     images = images.detach().float().cpu().clamp(0, 1)
-    n, _, h, w = images.shape
+    n, c, h, w = images.shape
     cols, rows = min(nrow, n), math.ceil(n / nrow)
-    grid = torch.full((rows * (h + padding) + padding, cols * (w + padding) + padding), float(pad_value))
+    grid = torch.full((c, rows * (h + padding) + padding, cols * (w + padding) + padding), float(pad_value))
     for i, image in enumerate(images):
         top, left = padding + (i // cols) * (h + padding), padding + (i % cols) * (w + padding)
-        grid[top:top + h, left:left + w] = image[0]
-    return grid
+        grid[:, top:top + h, left:left + w] = image
+    return grid[0] if c == 1 else grid.permute(1, 2, 0)
 
 
 def image_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> None:
-    """Save images (N, 1, 28, 28) in [0, 1] as one greyscale PNG grid, nrow images per row."""
+    """Save images (N, C, H, W) in [0, 1] as one PNG grid (greyscale for C = 1, else RGB), nrow images per row."""
     from PIL import Image
 
     pixels = tile(images, nrow).mul(255).add(0.5).clamp(0, 255).to(torch.uint8).numpy()
-    Image.fromarray(pixels).save(path)  # (H, W) uint8: greyscale
+    Image.fromarray(pixels).save(path)  # (H, W) uint8: greyscale; (H, W, 3): RGB
 
 
 def reconstruction_grid(originals: torch.Tensor, reconstructions: torch.Tensor, path: Path, nrow: int = 8) -> None:
@@ -89,7 +91,7 @@ def _figure(width: float, height: float):
 
 
 def _grid_array(images: torch.Tensor, nrow: int):
-    """Images (N, 1, 28, 28) as one (H, W) array for imshow, with lines between them."""
+    """Images (N, C, H, W) as one (H, W) (or, RGB, (H, W, 3)) array for imshow, with lines between them."""
     return tile(images, nrow, pad_value=0.2).numpy()  # for cmap="gray_r": black ink, white background, grey lines
 
 
@@ -106,13 +108,13 @@ def image_panels(panels: dict[str, torch.Tensor], nrow: int = 8, panel_width: fl
 
 def image_table(grid: torch.Tensor, columns: list[str] | None = None, rows: list[str] | None = None,
                 title: str = ""):
-    """Images (R, C, 1, 28, 28) as one table of R rows and C columns, with optional column and row labels."""
+    """Images (R, C, channels, H, W) as one table of R rows and C columns, with optional column and row labels."""
     fig = _figure(0.8 * grid.shape[1] + 0.7, 0.8 * grid.shape[0] + 0.6)
     ax = fig.add_subplot()
     ax.imshow(_grid_array(grid.flatten(0, 1), grid.shape[1]), cmap="gray_r")
-    centres = [16 + 30 * i for i in range(max(grid.shape[:2]))]  # 28-pixel images between 2-pixel lines
-    ax.set_xticks(centres[:grid.shape[1]] if columns else [], columns or [])
-    ax.set_yticks(centres[:grid.shape[0]] if rows else [], rows or [])
+    height, width = grid.shape[-2:]  # images between 2-pixel lines
+    ax.set_xticks([2 + width / 2 + (width + 2) * i for i in range(grid.shape[1])] if columns else [], columns or [])
+    ax.set_yticks([2 + height / 2 + (height + 2) * i for i in range(grid.shape[0])] if rows else [], rows or [])
     ax.tick_params(length=0)
     ax.set_title(title, fontsize=9)
     return fig
@@ -160,9 +162,11 @@ def samples_gif(run_dir: Path, path: Path | None = None, ms_per_frame: int = 500
 
 
 def _digit_colours(ax, points, labels, fig, **kwargs):
-    """Scatter points (N, 2) coloured by digit label, with a colour bar of the ten digits."""
-    scatter = ax.scatter(points[:, 0], points[:, 1], c=labels, cmap="tab10", vmin=-0.5, vmax=9.5, **kwargs)
-    bar = fig.colorbar(scatter, ax=ax, ticks=range(NUM_CLASSES))
+    """Scatter points (N, 2) coloured by digit label (class), with a colour bar of the classes."""
+    classes = max(NUM_CLASSES, int(labels.max()) + 1) if len(labels) else NUM_CLASSES
+    scatter = ax.scatter(points[:, 0], points[:, 1], c=labels, cmap="tab10" if classes <= 10 else "tab20",
+                         vmin=-0.5, vmax=classes - 0.5, **kwargs)
+    bar = fig.colorbar(scatter, ax=ax, ticks=range(classes))
     bar.set_label("digit")
     return scatter
 
@@ -243,30 +247,35 @@ def interpolation(run, x_a: torch.Tensor, x_b: torch.Tensor, steps: int = 10, y_
 DIGITS = [str(d) for d in range(NUM_CLASSES)]
 
 
+def class_names(run) -> list[str]:
+    """The labels of a run's classes as the pictures name them: 0, 1, ... (MNIST's digits)."""
+    return [str(d) for d in range(run.config.classes())]
+
+
 def digit_rows(run, per_row: int = 10):
     """Samples of a label-conditioned run, row d drawn given digit d: the per-epoch sample grid, labelled."""
     run.class_means()  # refuses an unconditional run, whose sample grid has no rows of digits
-    images = run.sample_grid(per_row).unflatten(0, (NUM_CLASSES, per_row))
-    return image_table(images, rows=DIGITS, title="samples given the digit: z ~ p(z | y), x ~ p(x | z, y)")
+    images = run.sample_grid(per_row).unflatten(0, (run.config.classes(), per_row))
+    return image_table(images, rows=class_names(run), title="samples given the digit: z ~ p(z | y), x ~ p(x | z, y)")
 
 
 def styles_from_prior(run, n: int = 8):
     """Rows: n styles drawn from the prior, Normal(0, I); columns: each written as digit 0-9 (`TrainedVAE.restyle`)."""
     styles = torch.randn(n, run.config.latent_dim, device=run.device)
-    return image_table(run.restyle(styles), columns=DIGITS,
+    return image_table(run.restyle(styles), columns=class_names(run),
                        title="one style per row, every digit: z = mu_y + style, style ~ Normal(0, I)")
 
 
 def styles_from_digits(run, images: torch.Tensor, labels):
     """Rows: test digits, first the original, then its style (from q(z | x, y)) written as digit 0-9."""
     grid = torch.cat([images.to(run.device)[:, None], run.restyle(run.style_offsets(images, labels))], dim=1)
-    return image_table(grid, columns=["x"] + DIGITS,
+    return image_table(grid, columns=["x"] + class_names(run),
                        title="style of each test digit as every digit: z = mu_y + (E_q[z | x, y_x] - mu_y_x)")
 
 
 def first_of_each_digit(labels: torch.Tensor) -> list[int]:
-    """The index of the first image of each digit 0-9 present in labels."""
-    return [int((labels == d).nonzero()[0]) for d in range(NUM_CLASSES) if (labels == d).any()]
+    """The index of the first image of each digit 0-9 (each class) present in labels."""
+    return [int((labels == d).nonzero()[0]) for d in range(int(labels.max()) + 1) if (labels == d).any()]
 
 
 @torch.no_grad()
@@ -365,8 +374,9 @@ def hierarchy_samples(run, hold: str = "top", n: int = 8) -> torch.Tensor:
     model = poutine.reparam(poutine.uncondition(run.vae.model),
                             config={s: LocScaleReparam(centered=0.0) for s in sites[:-1]})
     model = poutine.condition(model, data={k: v.reshape(n * n, -1) for k, v in data.items()})
-    template = torch.zeros(n * n, *IMAGE_SHAPE, device=run.device)  # only its shape is used
-    return mean_or_draw(poutine.trace(model).get_trace(template).nodes["x"]["fn"]).reshape(n, n, *IMAGE_SHAPE)
+    shape = run.config.shape()
+    template = torch.zeros(n * n, *shape, device=run.device)  # only its shape is used
+    return mean_or_draw(poutine.trace(model).get_trace(template).nodes["x"]["fn"]).reshape(n, n, *shape)
 
 
 @torch.no_grad()
@@ -378,7 +388,7 @@ def draws_given_z(run, n: int = 8, draws: int = 8) -> torch.Tensor:
     """
     from pyro import poutine
 
-    template = torch.zeros(n, *IMAGE_SHAPE, device=run.device)  # only its shape is used
+    template = torch.zeros(n, *run.config.shape(), device=run.device)  # only its shape is used
     likelihood = poutine.trace(poutine.uncondition(run.vae.model)).get_trace(template).nodes["x"]["fn"]
     return likelihood.sample((draws,)).transpose(0, 1)
 
@@ -455,8 +465,7 @@ def plot_run(run_dir: Path, out: Path | None = None, *, axes: tuple[int, int] | 
     out = Path(out or run_dir / "plots")
     out.mkdir(parents=True, exist_ok=True)
     config = run.config
-    data = load_mnist(data_dir or config.data_dir, binarize=config.binarize, device=run.device,
-                      download=config.download, test_size=config.test_size, split="test")
+    data = load_data(config, device=run.device, split="test", data_dir=data_dir)
     images, labels = data.test_images[:limit or None], data.test_labels[:limit or None]
 
     saved = []

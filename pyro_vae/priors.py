@@ -55,7 +55,7 @@ class LabelConditional(Prior):
 
     @classmethod
     def from_config(cls, config, encoder: nn.Module) -> LabelConditional:
-        return cls(config.latent_dim, learned=config.class_prior == "learned")
+        return cls(config.latent_dim, config.classes(), learned=config.class_prior == "learned")
 
     def forward(self, y: torch.Tensor) -> dist.Distribution:
         return dist.Normal(self.class_means[y], self.one).to_event(1)  # y (...) -> batch (...), event (D,)
@@ -114,14 +114,14 @@ class MixtureOfGaussians(Prior):
 class VampPrior(Prior):
     """The VampPrior (Tomczak & Welling 2018): p(z) = 1/K sum_k q(z | u_k) at K learned pseudo-inputs u_k."""
 
-    def __init__(self, latent_dim: int, encoder: nn.Module, components: int):
+    def __init__(self, latent_dim: int, encoder: nn.Module, components: int, image_shape: tuple = IMAGE_SHAPE):
         super().__init__(latent_dim)
-        self.pseudo_inputs = nn.Parameter(0.5 * torch.randn(components, *IMAGE_SHAPE))  # pre-sigmoid pixels
+        self.pseudo_inputs = nn.Parameter(0.5 * torch.randn(components, *image_shape))  # pre-sigmoid pixels
         self.__dict__["encoder"] = encoder  # shared with the guide, not a submodule: registered once, there
 
     @classmethod
     def from_config(cls, config, encoder: nn.Module) -> VampPrior:
-        return cls(config.latent_dim, encoder, config.prior_components)
+        return cls(config.latent_dim, encoder, config.prior_components, config.shape())
 
     def forward(self, y=None) -> dist.Distribution:
         loc, scale = self.encoder(torch.sigmoid(self.pseudo_inputs))  # (K, D) each

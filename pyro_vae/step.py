@@ -14,7 +14,6 @@ from pyro.infer.elbo import ELBOModule
 from . import distributed
 from .checkpoint import CheckpointError
 from .config import Config
-from .data import IMAGE_SHAPE
 from .estimators import make_elbo
 from .model import VAE
 from .precision import autocast, resolve
@@ -52,7 +51,7 @@ class SVIStep:
     """
 
     def __init__(self, vae: VAE, config: Config, ranks: distributed.Ranks = distributed.Ranks(), stop=None):
-        self.vae = vae
+        self.vae, self.image_shape = vae, config.shape()
         self.model, self.guide = vae.model, vae.guide
         self.elbo = make_elbo(config)
         self.params = list(vae.parameters())
@@ -104,7 +103,7 @@ class SVIStep:
         semi-supervised model with --classifier-weight 0 uses q(y | x) on unlabelled batches only. Found on
         two blank images, on a side random stream."""
         vae = self.vae
-        x = torch.zeros(2, *IMAGE_SHAPE, device=device)
+        x = torch.zeros(2, *self.image_shape, device=device)
         kinds = [torch.zeros(2, dtype=torch.long, device=device)] if vae.conditional else []
         if not vae.conditional or vae.classifier is not None:
             kinds.append(None)  # the unlabelled batch

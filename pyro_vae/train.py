@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 from .checkpoint import (CHECKPOINT_NAME, METRICS_NAME, CheckpointError, read_checkpoint, run_directory,
                          save_checkpoint, write_atomically)
 from .config import Config, parse_command_line
-from .data import DataError, load_mnist
+from .data import DataError
+from .datasets import fill_config, load_data
 from .estimators import make_elbo  # noqa: F401 (tests and benchmarks import it from here)
 from .evaluate import elbo_and_kl_per_image
 from . import distributed, plot, precision
@@ -347,8 +348,10 @@ def _loop(config: Config, out: Path, state: dict | None, ranks: distributed.Rank
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # every training batch has one shape: time the conv algorithms once
     pyro.set_rng_seed(config.seed)
-    data = load_mnist(config.data_dir, binarize=config.binarize, device=device, download=config.download,
-                      train_size=config.train_size, test_size=config.test_size)
+    data = load_data(config, device=device)
+    fill_config(config, data)  # the networks are sized from the data, and the checkpoint says how
+    if state is None and ranks.is_main:
+        config.save(out / "config.json")
     if config.labels:
         data.keep_labels(config.labels, config.seed)
     try:

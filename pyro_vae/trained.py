@@ -9,7 +9,6 @@ import torch
 from pyro import poutine
 
 from .config import Config
-from .data import IMAGE_SHAPE, NUM_CLASSES
 from .likelihoods import mean_or_draw
 from .model import VAE
 
@@ -36,12 +35,12 @@ class TrainedVAE:
     @torch.no_grad()
     def encode(self, x: torch.Tensor, y=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Loc and scale of the encoder's Gaussian q(z | x) (the IAF guide's base), each (B, latent_dim)."""
-        x = self._to(x).reshape(-1, *IMAGE_SHAPE)
+        x = self._to(x).reshape(-1, *self.config.shape())
         return self.vae.encoder(x, self.vae._one_hot(self._labels(y, len(x))))
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor, y=None) -> torch.Tensor:
-        """Mean of p(x | z) (p(x | z, y) for the CVAE), or a draw where it has none: images (..., 1, 28, 28)."""
+        """Mean of p(x | z) (p(x | z, y) for the CVAE), or a draw where it has none: images (..., C, H, W)."""
         z = self._to(z)
         y = self._labels(y, z.shape[0] if z.ndim > 1 else None)
         return mean_or_draw(self.vae.likelihood(self.vae.decoder(z, self.vae._one_hot(y))))
@@ -62,7 +61,7 @@ class TrainedVAE:
     def sample(self, n: int, y=None) -> torch.Tensor:
         """n images from the generative model: z from the prior (given digit y, for the CVAE), then E[x | z] (a draw
         of x where p(x | z) has no mean in closed form)."""
-        template = torch.zeros(n, *IMAGE_SHAPE, device=self.device)  # only its shape is used
+        template = torch.zeros(n, *self.config.shape(), device=self.device)  # only its shape is used
         y = self._labels(y, n)
         model = poutine.uncondition(self.vae.model)  # x (and y) are drawn, not observed ...
         if y is not None:
@@ -73,7 +72,8 @@ class TrainedVAE:
     def sample_grid(self, per_row: int = 8) -> torch.Tensor:
         """Samples for the per-epoch picture: 8 x 8, or for the CVAE one row per digit 0-9."""
         if self.config.conditional:
-            return self.sample(NUM_CLASSES * per_row, torch.arange(NUM_CLASSES).repeat_interleave(per_row))
+            classes = self.config.classes()
+            return self.sample(classes * per_row, torch.arange(classes).repeat_interleave(per_row))
         return self.sample(per_row * per_row)
 
     @torch.no_grad()
@@ -81,15 +81,15 @@ class TrainedVAE:
         """The most probable digit under q(y | x), for the semi-supervised model: (B,)."""
         if self.vae.classifier is None:
             raise ValueError("this model has no classifier q(y | x); train with --conditional --labels N")
-        return self.vae.classifier(self._to(x).reshape(-1, *IMAGE_SHAPE)).argmax(-1)
+        return self.vae.classifier(self._to(x).reshape(-1, *self.config.shape())).argmax(-1)
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, y=None) -> torch.Tensor:
-        """Decode the posterior mean of each image: (B, 1, 28, 28); the CVAE uses labels y (or q(y | x))."""
+        """Decode the posterior mean of each image: (B, C, H, W); the CVAE uses labels y (or q(y | x))."""
         if self.config.conditional and y is None and self.vae.classifier is not None:
             y = self.classify(x)
         if self.vae.ladder:  # the ladder's q(z | z2, x) merges the encoder's Gaussian with p(z | z2): the guide's mean
-            x = self._to(x).reshape(-1, *IMAGE_SHAPE)
+            x = self._to(x).reshape(-1, *self.config.shape())
             return self.decode(poutine.trace(self.vae.guide).get_trace(x).nodes["z"]["fn"].mean)
         loc, _ = self.encode(x, y)
         return self.decode(loc, y)
@@ -111,15 +111,16 @@ class TrainedVAE:
 
     @torch.no_grad()
     def restyle(self, styles: torch.Tensor) -> torch.Tensor:
-        """Each style (N, latent_dim) written as every digit: images (N, 10, 1, 28, 28), decoded at z = mu_y + style.
+        """Each style (N, latent_dim) written as every digit: images (N, classes, C, H, W), decoded at z = mu_y + style.
 
         "The same z" for another digit means the same offset from the class mean, not the same raw z:
         under the prior z = mu_y + style with style ~ Normal(0, I) for every y, so a style keeps its
         place in each class's cloud, while a raw z taken to another class would sit off-centre in it.
         """
         z = self.class_means() + styles.to(self.device)[:, None]  # (N, 10, latent_dim)
-        digits = torch.arange(NUM_CLASSES, device=self.device).expand(len(styles), NUM_CLASSES)
-        return self.decode(z.flatten(0, 1), digits.flatten()).unflatten(0, (len(styles), NUM_CLASSES))
+        classes = self.config.classes()
+        digits = torch.arange(classes, device=self.device).expand(len(styles), classes)
+        return self.decode(z.flatten(0, 1), digits.flatten()).unflatten(0, (len(styles), classes))
 
 
 # Paths between two latent points, for the interpolation picture

@@ -124,6 +124,9 @@ def unsupported(run: TrainedVAE, k: int = 1) -> str | None:
     (Bit-Swap's order), and p(x | z) must be Bernoulli pixels, independent given z or each given the ones before.
     """
     vae, config = run.vae, run.config
+    if config.shape() != IMAGE_SHAPE or config.data or config.dataset != "mnist":  # docs/own_data.md
+        return (f"the codec codes MNIST's binary {' x '.join(map(str, IMAGE_SHAPE))} images, and this run's are "
+                f"{config.data or config.dataset}'s {' x '.join(map(str, config.shape()))} (channels, height, width)")
     x = torch.zeros(2, *IMAGE_SHAPE, device=run.device)
     y = torch.zeros(2, dtype=torch.long, device=run.device) if vae.conditional else None
     with torch.no_grad():
