@@ -664,7 +664,7 @@ def test_the_reported_standard_error_is_the_spread_of_means_over_independent_ima
         chosen = order[g::groups]
         subset = MNIST(every.train_images, every.train_labels, every.test_images[chosen], every.test_labels[chosen],
                        "dynamic")
-        monkeypatch.setattr(evaluate, "load_mnist", lambda *args, **kwargs: subset)
+        monkeypatch.setattr(evaluate, "load_data", lambda *args, **kwargs: subset)
         results = evaluate_run(run, k=2, threads=1, seed=g, progress=False)
         assert results["num_images"] == n
         for name in reported:
