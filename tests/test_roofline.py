@@ -94,10 +94,18 @@ def test_the_channels_last_path_gives_the_loss_and_gradients_of_the_contiguous_o
 
 @pytest.mark.parametrize("first, then", [(torch.channels_last, CONTIGUOUS), (CONTIGUOUS, torch.channels_last)])
 def test_a_checkpoint_written_in_one_layout_continues_in_the_other(first, then, small_config, tmp_path, monkeypatch):
-    """Stopped after the first epoch and resumed in the other layout, a run ends where it ends uninterrupted."""
+    """Stopped after the first epoch and resumed in the other layout, a run ends where it ends uninterrupted, up to
+    what the layouts' rounding does to it. The two layouts' kernels sum in other orders, and Adam turns a rounding
+    difference in a gradient near zero into a different step, so that yardstick is measured here on this CPU: the
+    same run trained straight through in each layout. A resume that lost the optimizer's moments, the data order or
+    the RNG moves weights by about lr = 1e-3 a step, hundreds of times that."""
     config = dataclasses.replace(small_config, epochs=2)
+    straight = {}
+    for layout, name in ((first, "straight"), (then, "other")):
+        monkeypatch.setitem(MEMORY_FORMAT, "cpu", layout)
+        train(dataclasses.replace(config, out=str(tmp_path / name)))
+        straight[name] = pyro_vae.load(tmp_path / name).vae.state_dict()
     monkeypatch.setitem(MEMORY_FORMAT, "cpu", first)
-    train(dataclasses.replace(config, out=str(tmp_path / "straight")))
     with pytest.raises(Paused):
         train(config, stop_after=1)
     saved = read_checkpoint(config.out)
@@ -109,6 +117,11 @@ def test_a_checkpoint_written_in_one_layout_continues_in_the_other(first, then, 
     resumed = pyro_vae.load(config.out).vae
     assert all(torch.equal(store[f"decoder$$${name}"], p) for name, p in resumed.decoder.named_parameters())
     assert read_checkpoint(config.out)["epoch"] == 2
-    straight = pyro_vae.load(tmp_path / "straight").vae.state_dict()
-    for name, value in resumed.state_dict().items():
-        torch.testing.assert_close(value, straight[name], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+    def distance(a: dict, b: dict) -> float:
+        return max((a[name] - b[name]).abs().max().item() for name in a)
+
+    layouts_apart = distance(straight["other"], straight["straight"])  # two epochs of the layouts' rounding
+    tolerance = 10 * layouts_apart + 8 * 2 ** -24  # the resumed run saw one epoch of it; fp32's eps on weights ~ 1
+    assert tolerance < 1e-4  # the yardstick is rounding, far below one Adam step
+    assert distance(resumed.state_dict(), straight["straight"]) <= tolerance
