@@ -204,9 +204,9 @@ NETWORKS = (Encoder, Decoder, GaussianLayer, Classifier, PixelCNN,
 
 
 def _in_fp32(output):
-    """A network's output (a tensor or a tuple of them), each floating tensor in fp32 (a no-op for fp32 ones)."""
+    """A network's output (a tensor or a tuple of them), each bf16 or fp16 tensor in fp32 (fp32, fp64 as they are)."""
     if isinstance(output, torch.Tensor):
-        return output.float() if output.is_floating_point() else output
+        return output.float() if output.dtype in (torch.bfloat16, torch.float16) else output
     if isinstance(output, tuple):
         return tuple(_in_fp32(t) for t in output)
     return output
