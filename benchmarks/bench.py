@@ -43,6 +43,7 @@ from pyro_vae.config import Config
 from pyro_vae.data import IMAGE_SHAPE, MNIST, MNIST_TEST, MNIST_TRAIN, NUM_CLASSES, load_mnist
 from pyro_vae.model import build_vae
 from pyro_vae.nets import make_nets
+from pyro_vae.precision import autocast
 from pyro_vae.train import SVIStep, make_elbo
 
 LOG_2PI = math.log(2 * math.pi)
@@ -58,11 +59,11 @@ def yardstick_elbo(encoder, decoder, x: torch.Tensor, eps: torch.Tensor | None =
     The KL part is sampled (log q - log p at the same z), the estimator Trace_ELBO uses; eps is drawn
     with the call Normal.rsample makes, so under the same seed both sides draw the same z.
     """
-    loc, scale = encoder(x)  # (B, D) each
+    loc, scale = (t.float() for t in encoder(x))  # (B, D) each; fp32 under bf16 autocast, as the project's boundary
     if eps is None:
         eps = torch.empty_like(loc).normal_()
     z = loc + eps * scale  # reparameterized
-    log_lik = -F.binary_cross_entropy_with_logits(decoder(z), x, reduction="none").sum((-3, -2, -1))
+    log_lik = -F.binary_cross_entropy_with_logits(decoder(z).float(), x, reduction="none").sum((-3, -2, -1))
     log_q = (-0.5 * ((z - loc) / scale) ** 2 - scale.log() - 0.5 * LOG_2PI).sum(-1)  # Normal(loc, scale)
     log_p = (-0.5 * z ** 2 - 0.5 * LOG_2PI).sum(-1)  # Normal(0, I)
     return log_lik + log_p - log_q
@@ -79,13 +80,15 @@ class Yardstick:
 
     capture (CUDA only): after WARMUP_STEPS eager steps on a side stream, the step is captured as a CUDA graph
     by hand, as torch's documentation does it (static batch, Adam with capturable=True), and replayed.
+    precision bf16: the loss under the same autocast as the trainer's step (pyro_vae.precision.autocast), the
+    networks' outputs cast to fp32 before the log-probs as the project casts them.
     """
 
     WARMUP_STEPS = 3
 
     def __init__(self, config: Config, num_data: int, device: torch.device, capture: bool = False):
         self.encoder, self.decoder = (net.to(device) for net in make_nets(config))
-        self.num_data = num_data
+        self.num_data, self.precision, self.device = num_data, config.precision, device
         params = [*self.encoder.parameters(), *self.decoder.parameters()]
         self.optimizer = torch.optim.Adam(params, lr=config.lr, capturable=capture)
         self.stream = torch.cuda.Stream(device) if capture else None
@@ -113,7 +116,8 @@ class Yardstick:
         return loss
 
     def _eager_step(self, x: torch.Tensor) -> torch.Tensor:
-        loss = yardstick_loss(self.encoder, self.decoder, x, self.num_data)
+        with autocast(self.precision, self.device):
+            loss = yardstick_loss(self.encoder, self.decoder, x, self.num_data)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         with warnings.catch_warnings():  # torch warns that a capturable Adam steps uncaptured: the warm-up does
@@ -126,7 +130,8 @@ class Yardstick:
         self.graph = torch.cuda.CUDAGraph()
         self.optimizer.zero_grad(set_to_none=True)  # backward allocates the gradients in the graph's memory
         with torch.cuda.graph(self.graph, stream=self.stream):
-            loss = yardstick_loss(self.encoder, self.decoder, self.static_x, self.num_data)
+            with autocast(self.precision, self.device, cache_enabled=False):
+                loss = yardstick_loss(self.encoder, self.decoder, self.static_x, self.num_data)
             loss.backward()
             self.optimizer.step()
         self.static_loss = loss.detach()
@@ -279,6 +284,10 @@ def build_sides(config: Config, num_data: int, args: argparse.Namespace) -> dict
         makers["yardstick-graph"] = lambda: Yardstick(config, num_data, device, capture=True)
     if args.stock_svi:
         makers["stock-svi"] = lambda: StockSVI(config, num_data, device)
+    if args.bf16:  # both steps again under bf16 autocast: the trainer's (--precision bf16) and the yardstick's
+        bf16 = dataclasses.replace(config, precision="bf16")
+        makers["project-bf16"] = lambda: ProjectTrainer(bf16, num_data, device)
+        makers["yardstick-bf16"] = lambda: Yardstick(bf16, num_data, device)
     sides = {}
     for name, make in makers.items():
         torch.manual_seed(config.seed)  # make_nets draws the same initial weights for every side
@@ -306,6 +315,9 @@ def bench_training(config: Config, data: MNIST, args: argparse.Namespace) -> dic
                          ratios=ratios, cpu_ratio_to_yardstick=statistics.median(cpu_ratios))
         result["sides"][name] = entry
     result["ratio"] = result["sides"]["project"]["ratio_to_yardstick"]
+    if "project-bf16" in times:  # issue 40's bars: bf16 trainer against fp32 trainer and against bf16 yardstick
+        result["bf16"] = {f"{a}/{b}": statistics.median(x / y for x, y in zip(times[a]["wall"], times[b]["wall"]))
+                          for a, b in BF16_PAIRS}
     if device.type == "cuda":
         result["peak_memory_bytes"] = {name: peak_cuda_bytes(side, draw, device) for name, side in sides.items()}
     else:
@@ -441,6 +453,10 @@ def format_training_row(result: dict) -> str:
     return "\n".join(lines)
 
 
+# issue 40's ratios, each the median over the interleaved pairs of blocks, and their bars (EPYC, batch 128)
+BF16_PAIRS = (("project-bf16", "project"), ("project-bf16", "yardstick-bf16"), ("yardstick-bf16", "yardstick"))
+BF16_BARS = {"project-bf16/project": 0.80, "project-bf16/yardstick-bf16": 1.0}
+
 # the GPU bars of issue 20, as ratios to the eager yardstick at batch 128
 BARS = {"project": 1.10, "project-graph": 0.90}
 
@@ -475,6 +491,11 @@ def format_report(results: dict) -> str:
         f"{'cpu ratio':>9s}",
     ]
     lines += [format_training_row(t) for t in r["training"]]
+    for t in r["training"]:
+        for pair, ratio in t.get("bf16", {}).items():
+            bar = BF16_BARS.get(pair)
+            verdict = f", bar at most {bar:.2f}: {'met' if ratio <= bar else 'missed'}" if bar else ""
+            lines.append(f"  bf16 at batch {t['batch_size']}: {pair} {ratio:.3f}{verdict}")
     if r["device"].startswith("cuda"):
         lines += format_bars(r)
     memory = [t.get("peak_memory_bytes") or t.get("peak_rss_bytes") for t in r["training"]]
@@ -531,6 +552,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=2, help="untimed blocks per side first")
     parser.add_argument("--no-cuda-graph", action="store_true",
                         help="on CUDA, leave out the captured sides (project-graph, yardstick-graph)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="also time both steps in bf16 (project-bf16, yardstick-bf16; issue 40)")
     parser.add_argument("--stock-svi", action="store_true",
                         help="also time pyro.infer.SVI with pyro.optim.Adam, validation on every step: what the "
                              "trainer used before (side stock-svi)")
