@@ -40,7 +40,8 @@ RESULTS_PAGE = HERE.parent / "docs" / "results.md"
 COLUMNS = ["experiment", "version", "variant", "epochs", "device", "train_minutes", "test_elbo", "log_px", "k",
            "images", "active_units", "extra", "date", "commit"]
 TABLE_START, TABLE_END = "<!-- results:start -->", "<!-- results:end -->"
-RUN_ONLY = {"out", "device", "data_dir", "epochs", "cuda_graph"}  # where and how long a run ran, not what it is
+RUN_ONLY = {"out", "device", "data_dir", "epochs", "cuda_graph",  # where and how long a run ran, not what it is
+            "image_shape", "num_classes"}  # and what the trainer read off its data (datasets.fill_config)
 
 
 def experiment(name: str) -> dict:
