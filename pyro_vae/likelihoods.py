@@ -225,14 +225,16 @@ class DiscretizedLogisticMixture(TorchDistribution):
         logits = self.logits.expand(*shape[:-3], *self.logits.shape[-3:])
         chosen = dist.Categorical(logits=logits.movedim(-3, -1)).sample()  # (..., H, W)
         pick = F.one_hot(chosen, self.components).movedim(-1, -3).unsqueeze(-3).to(logits.dtype)  # (..., K, 1, H, W)
-        x = torch.zeros(shape, dtype=logits.dtype, device=logits.device).unsqueeze(-4)
+        x = torch.zeros(shape, dtype=logits.dtype, device=logits.device).unsqueeze(-4)  # in [-1, 1]
+        levels = torch.zeros(shape, dtype=logits.dtype, device=logits.device)  # 0 .. 255
         log_scales = (self.log_scales * pick).sum(-4)
         for c in range(self.channels):
             mean = (self._means(x) * pick).sum(-4)[..., c, :, :]
             u = torch.rand_like(mean).clamp(1e-5, 1 - 1e-5)
             value = mean + log_scales[..., c, :, :].exp() * (torch.log(u) - torch.log1p(-u))
-            x[..., 0, c, :, :] = ((value.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
-        return (x.squeeze(-4) + 1) / 2
+            levels[..., c, :, :] = ((value.clamp(-1, 1) + 1) * 127.5).round()
+            x[..., 0, c, :, :] = levels[..., c, :, :] / 127.5 - 1
+        return levels / 255
 
 
 class LogisticMixture(Likelihood):
