@@ -201,7 +201,7 @@ def test_fill_config_writes_the_datas_shape_and_refuses_a_cvae_without_labels(tm
 # the discretized logistic mixture
 
 
-@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("channels", [1, pytest.param(3, marks=pytest.mark.slow)])  # RGB: all 256^3 colours, minutes
 def test_the_logistic_mixture_puts_probability_one_on_the_256_levels_of_each_pixel(channels):
     components = 3
     params = 3 * torch.randn(2, DiscretizedLogisticMixture.parameters_per_pixel(channels, components), 1, 1,
