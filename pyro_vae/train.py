@@ -324,8 +324,6 @@ def _fit(config: Config, out: Path, state: dict | None, ranks: distributed.Ranks
     directory's (rank 0's), released at the end however the run ends."""
     failed = True  # a rank that failed leaves without waiting for its peers, who may never come
     try:
-        if state is None and ranks.is_main:
-            config.save(out / "config.json")
         result = _loop(config, out, state, ranks, stop_after, tensorboard)
         failed = False
         return result
