@@ -239,6 +239,7 @@ def _end_of_epoch(trained: TrainedVAE, data, out: Path, epoch: int, step: int, l
     config, vae = trained.config, trained.vae
     vae.eval()
     shown = data.test_images[:NUM_RECONSTRUCTIONS_SHOWN]
+    (out / "images").mkdir(exist_ok=True)  # a resumed run's folder may have come without its pictures
     with _seeded(config.seed, trained.device):  # the same z for the test ELBO and pictures every epoch
         figures = test_figures(trained, data)
         plot.image_grid(trained.sample_grid(), out / "images" / f"samples_{epoch:03d}.png")

@@ -91,6 +91,20 @@ def test_sigterm_mid_epoch_then_resume_ends_with_the_same_parameters(small_confi
     assert [r["train_objective"] for r in rows] == pytest.approx([r["train_objective"] for r in expected])
 
 
+def test_a_run_copied_without_its_pictures_folder_resumes(small_config, tmp_path, monkeypatch):
+    """A checkpoint carried to another machine (experiments/in_progress/ holds no images/) trains on."""
+    config = dataclasses.replace(small_config, epochs=2, out=str(tmp_path / "run"))
+    _signal_at_step(monkeypatch, 3)
+    with pytest.raises(Interrupted):
+        train(config)
+    monkeypatch.undo()
+    shutil.rmtree(tmp_path / "run" / "images")
+    resumed = resume(tmp_path / "run")
+    assert read_checkpoint(resumed)["epoch"] == 2
+    assert sorted(p.name for p in (resumed / "images").iterdir()) == [
+        "recon_001.png", "recon_002.png", "samples_001.png", "samples_002.png"]
+
+
 AT_STEP = [sys.executable, str(ROOT / "tests" / "train_at_step.py")]  # the CLI, stopping before a step and saying so
 STEPS_PER_EPOCH = 128  # of TINY_RUN
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny runs; two threads on a busy machine spin and crawl
