@@ -17,13 +17,14 @@ import torch
 
 from .config import Config
 from .model import build_vae
+from .shipped import shipped
 from .trained import TrainedVAE
 
 FORMAT = "pyro_vae.checkpoint/1"
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"  # one JSON line per epoch, appended by the trainer
 NEARLY_FULL = 1 << 20  # bytes: a write that fails with less free than this failed for want of space
-PRETRAINED = Path(__file__).resolve().parent.parent / "pretrained"  # the trained runs that ship with the project
+PRETRAINED = shipped("pretrained", "pretrained")  # the trained runs that ship with the project (or with the wheel)
 
 
 class CheckpointError(Exception):
@@ -76,10 +77,12 @@ def _write_failure(e: BaseException, folder: Path) -> str | None:
 
 
 def _locate(path: str | Path) -> Path:
-    """path itself, or, for "pretrained/NAME" not found from here, the shipped run of that name."""
+    """path itself, or, for "pretrained/NAME" or a bare "NAME" not found from here, the shipped run of that name."""
     path = Path(path).expanduser()
     if not path.exists() and path.parts[:1] == ("pretrained",):  # "pretrained/conv32" from any directory
         path = PRETRAINED.joinpath(*path.parts[1:])
+    elif not path.exists() and len(path.parts) == 1 and (PRETRAINED / path).is_dir():  # "conv32"
+        path = PRETRAINED / path
     return path
 
 

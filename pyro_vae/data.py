@@ -13,10 +13,12 @@ from pathlib import Path
 
 import torch
 
+from .shipped import shipped
+
 MNIST_TRAIN, MNIST_TEST = 60000, 10000  # images in MNIST's official training and test splits
 IMAGE_SHAPE = (1, 28, 28)  # one MNIST image: channels, height, width
 NUM_CLASSES = 10  # the digits 0-9
-SHIPPED_DIR = Path(__file__).resolve().parent.parent / "data" / "mnist"
+SHIPPED_DIR = shipped("data/mnist", "mnist")  # the checkout's data/mnist, or the installed wheel's copy
 SPLITS = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
           "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}  # images, labels
 FILES = SPLITS["train"] + SPLITS["test"]
