@@ -87,8 +87,10 @@ def data_parallel(module: torch.nn.Module, ranks: Ranks, find_unused: bool = Fal
     from torch.nn.parallel import DistributedDataParallel
 
     device = next(module.parameters()).device
+    # forward_sync_buffers=False (torch 2.13's name for the old broadcast_buffers=False): no buffer broadcast
+    # before each forward; the buffers (masks, constants) are the same on every rank and synced once at init
     return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
-                                   broadcast_buffers=False, find_unused_parameters=find_unused)
+                                   forward_sync_buffers=False, find_unused_parameters=find_unused)
 
 
 def agree(loss: torch.Tensor, stop_requested: bool, ranks: Ranks) -> tuple[torch.Tensor, bool]:
