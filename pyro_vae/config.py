@@ -54,6 +54,8 @@ class Config:
     num_particles: int = _opt(1, "samples of z per image in the ELBO estimate", minimum=1)
     max_steps: int = _opt(0, "stop after this many SVI steps in all (0: no cap; for smoke runs)", minimum=0)
     seed: int = _opt(0, "seed for every random number generator", minimum=0)
+    init_from: str = _opt("", "begin from another run's weights (its folder, pretrained/NAME or a shipped run's NAME) "
+                              "with a fresh optimizer: fine-tuning; the model must have the same shapes")
     # architecture
     latent_dim: int = _opt(32, "size of the latent z", minimum=1)
     arch: str = _opt("conv", "encoder/decoder networks", choices=("conv", "mlp"))
@@ -179,6 +181,7 @@ class Config:
                     for problem in _range_errors(f, getattr(self, f.name), _flag(f.name))]
         if self.pixelcnn_kernel % 2 == 0:
             problems.append(f"--pixelcnn-kernel must be odd (a masked kernel has a centre), not {self.pixelcnn_kernel}")
+        problems += self.kernel_errors()
         if self.lr == 0:
             problems.append("--lr must be positive, not 0")
         if self.beta == 0:
@@ -202,6 +205,17 @@ class Config:
                             "use --device cpu")
         return problems
 
+
+    def kernel_errors(self) -> list[str]:
+        """A PixelCNN kernel wider than the images, where their side is known: before the data is read that is
+        the MNIST family's 28 or --image-size; your own images' side once fill_config has written their shape."""
+        if self.likelihood != "pixelcnn":
+            return []
+        side = min(self.image_shape[1:]) if self.image_shape else self.image_size if self.data else IMAGE_SHAPE[1]
+        if side and self.pixelcnn_kernel > side:
+            return [f"--pixelcnn-kernel {self.pixelcnn_kernel} is wider than the images ({side} pixels a side): "
+                    f"give an odd kernel of at most {side - 1 + side % 2}"]
+        return []
 
     def _data_errors(self) -> list[str]:
         """The data flags that go together; the MNIST-family data sets' split sizes."""
@@ -348,6 +362,12 @@ def read_config_file(path: str | Path) -> dict:
         raise ValueError(f"--config {path}: cannot read it: {e.strerror or e}") from e
     except tomllib.TOMLDecodeError as e:
         raise ValueError(f"--config {path}: not a TOML file: {e}") from e
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--config {path}: not UTF-8 text (byte {e.start} is 0x{e.object[e.start]:02x}); "
+                         "a TOML file is UTF-8") from e
+    except RecursionError as e:
+        raise ValueError(f"--config {path}: nested too deeply to read (a TOML config is a flat [config] "
+                         "table)") from e
     for key, value in document.items():
         if key not in CONFIG_FILE_KEYS:
             where = " (Config fields go in the [config] table)" if key in _fields() else ""

@@ -154,3 +154,27 @@ def test_a_missing_config_file_and_a_resume_with_one_are_refused(tmp_path, capsy
     with pytest.raises(SystemExit) as info:  # a resumed run takes its saved config, and no other
         train_main(["--resume", str(tmp_path), "--config", str(_toml(tmp_path, "[config]\nepochs = 2\n"))])
     assert info.value.code == 2 and "drop --config" in capsys.readouterr().err
+
+
+def test_a_config_file_that_is_not_utf8_or_nested_too_deep_is_one_line_naming_it(tmp_path, capsys):
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes("[config]\n# r\u00e9glages\nepochs = 2\n".encode("latin-1"))
+    deep = _toml(tmp_path, "a = " + "[" * 5000 + "]" * 5000 + "\n")
+    for path, message in [(latin1, "not UTF-8 text (byte 12 is 0xe9); a TOML file is UTF-8"),
+                          (deep, "nested too deeply to read")]:
+        with pytest.raises(SystemExit) as info:
+            train_main(["--config", str(path)])
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and "Traceback" not in err
+        assert _error_line(err).startswith(f"--config {path}: {message}"), err
+
+
+def test_a_pixelcnn_kernel_wider_than_the_images_is_refused_when_the_flags_are_read(tmp_path, capsys):
+    for side_flags, side in [([], 28), (["--data", str(tmp_path / "any.npy"), "--image-size", "16"], 16)]:
+        with pytest.raises(SystemExit) as info:
+            parse_command_line(["--likelihood", "pixelcnn", "--pixelcnn-kernel", str(side + 1), *side_flags])
+        assert info.value.code == 2
+        assert _error_line(capsys.readouterr().err).startswith(
+            f"--pixelcnn-kernel {side + 1} is wider than the images ({side} pixels a side)")
+    config, _ = parse_command_line(["--likelihood", "pixelcnn", "--pixelcnn-kernel", "27"])
+    assert config.pixelcnn_kernel == 27
