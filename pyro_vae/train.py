@@ -287,11 +287,28 @@ def train(config: Config, overwrite: bool = False, stop_after: int = 0, tensorbo
         config.precision, why = precision.resolve(config.precision, torch.device(config.device))
         if ranks.is_main:
             print(f"pyro_vae: --precision auto: {config.precision} ({why})", flush=True)
+    if config.init_from:  # before the run directory is made: a wrong path costs nothing
+        try:
+            read_checkpoint(config.init_from)
+        except CheckpointError as e:
+            raise CheckpointError(f"--init-from: {e}") from e
     lock = None
     if ranks.is_main:  # under torchrun only rank 0 writes the run directory
         out, lock = make_run_dir(config, overwrite)
         config.out = str(out)
+        if tensorboard:
+            _check_board_folder(out, lock)
     return _fit(config, Path(config.out), None, ranks, lock, stop_after, tensorboard)
+
+
+def _check_board_folder(out: Path, lock: RunLock) -> None:
+    """RunDirError (releasing the lock) where RUN/tensorboard cannot be the folder --tensorboard writes into:
+    found before training starts, not at the first epoch's end."""
+    folder = out / TENSORBOARD_FOLDER
+    if folder.exists() and not folder.is_dir():
+        lock.release()
+        raise RunDirError(f"--tensorboard writes into {folder}, which is a file: move it away, or train without "
+                          "--tensorboard")
 
 
 def resume(run_dir: str | Path, stop_after: int = 0, tensorboard: bool = False) -> Path:
@@ -303,6 +320,9 @@ def resume(run_dir: str | Path, stop_after: int = 0, tensorboard: bool = False) 
     lock = RunLock(out) if out.is_dir() and distributed.launched_rank() == 0 else None
     try:
         state = read_checkpoint(run_dir)
+        if "optimizer" not in state:  # a shipped run: pretrained/ keeps the weights alone
+            raise CheckpointError(f"--resume {run_dir}: it holds weights only, no optimizer state to continue; "
+                                  f"begin a new run from its weights with --init-from {run_dir}")
         try:
             config = Config.from_dict(state["config"])
         except (KeyError, TypeError, ValueError) as e:
@@ -316,6 +336,8 @@ def resume(run_dir: str | Path, stop_after: int = 0, tensorboard: bool = False) 
             lock.release()
         raise
     tensorboard = tensorboard or (out / TENSORBOARD_FOLDER).is_dir()  # the same curves, continued
+    if tensorboard and lock:
+        _check_board_folder(out, lock)
     return _fit(config, out, state, ranks, lock, stop_after, tensorboard)
 
 
@@ -335,6 +357,22 @@ def _fit(config: Config, out: Path, state: dict | None, ranks: distributed.Ranks
         if lock:
             lock.release()
         distributed.teardown(ranks, failed)
+
+
+def _init_from(vae, run: str) -> None:
+    """Load another run's weights into vae (which the optimizer then starts from afresh); CheckpointError naming
+    the parameters whose shapes differ, or that one of the two lacks."""
+    weights = read_checkpoint(run)["model"]
+    ours = vae.state_dict()
+    differ = [f"{name} is {tuple(weights[name].shape)} there, {tuple(ours[name].shape)} here"
+              for name in ours if name in weights and weights[name].shape != ours[name].shape]
+    differ += [f"{name} is missing there" for name in ours if name not in weights]
+    differ += [f"{name} is not in this model" for name in weights if name not in ours]
+    if differ:
+        more = f" (and {len(differ) - 3} more)" if len(differ) > 3 else ""
+        raise CheckpointError(f"--init-from {run}: its weights do not fit this model: {'; '.join(differ[:3])}{more}; "
+                              "give the flags of the run it was trained with")
+    vae.load_state_dict(weights)
 
 
 def _loop(config: Config, out: Path, state: dict | None, ranks: distributed.Ranks, stop_after: int = 0,
@@ -360,6 +398,8 @@ def _loop(config: Config, out: Path, state: dict | None, ranks: distributed.Rank
             raise
         raise OutOfMemory(f"out of memory while building the model{_tried(e)}: choose a smaller --latent-dim "
                           f"(now {config.latent_dim}), --hidden-dim, --conv-channels or --prior-components") from e
+    if state is None and config.init_from:
+        _init_from(vae, config.init_from)
     trained = TrainedVAE(vae, config)
     if ranks.active:
         distributed.broadcast_parameters(vae, ranks)

@@ -15,6 +15,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -291,6 +292,66 @@ def test_a_kill_between_the_metrics_line_and_the_checkpoint_leaves_each_epoch_on
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     assert [r["step"] for r in rows] == [2, 4, 6]
+
+
+def test_init_from_begins_at_the_other_runs_weights_with_a_fresh_optimizer(data_dir, tmp_path, capsys):
+    flags = ["--epochs", "1", "--max-steps", "1", "--train-size", "512", "--test-size", "1000",
+             "--data-dir", str(data_dir), "--device", "cpu"]
+    assert main(["--init-from", "pretrained/conv32", *flags, "--out", str(tmp_path / "tuned")]) == 0
+    assert main([*flags, "--out", str(tmp_path / "fresh")]) == 0
+    tuned, fresh = (json.loads((tmp_path / run / "metrics.jsonl").read_text()) for run in ("tuned", "fresh"))
+    # after this one step the shipped run is at -97.5 on all 10,000 (-100.3 on these first 1,000, which are
+    # harder), a fresh network at -600: a margin of 10 nats either side tells them apart
+    assert tuned["test_elbo"] > -110 and fresh["test_elbo"] < -400
+    state = read_checkpoint(tmp_path / "tuned")
+    assert state["config"]["init_from"] == "pretrained/conv32"
+    assert state["step"] == 1 and {float(s["step"]) for s in state["optimizer"]["state"].values()} == {1.0}
+
+
+def test_init_from_a_run_of_other_shapes_or_none_is_one_line_exit_1_and_writes_nothing(data_dir, tmp_path, capsys):
+    flags = ["--epochs", "1", "--max-steps", "1", "--train-size", "512", "--test-size", "100",
+             "--data-dir", str(data_dir), "--device", "cpu"]
+    assert main(["--init-from", str(tmp_path / "nowhere"), *flags, "--out", str(tmp_path / "a")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: --init-from: no checkpoint at {tmp_path / 'nowhere'}")
+    assert not (tmp_path / "a").exists()
+    assert main(["--init-from", "pretrained/conv32", "--latent-dim", "8", *flags, "--out", str(tmp_path / "b")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --init-from pretrained/conv32: its weights do not fit this "
+                                               "model: encoder.head.weight is (64, 3136) there, (16, 3136) here")
+
+
+def test_a_pixelcnn_kernel_wider_than_your_own_images_is_refused_once_they_are_read(tmp_path, capsys):
+    images = tmp_path / "sixteen.npy"
+    np.save(images, np.random.default_rng(0).integers(0, 256, (40, 16, 16), dtype=np.uint8))
+    assert main(["--data", str(images), "--likelihood", "pixelcnn", "--pixelcnn-kernel", "17", "--binarize",
+                 "threshold", "--batch-size", "8", "--device", "cpu", "--out", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --pixelcnn-kernel 17 is wider than the images (16 pixels a side): give an odd kernel "
+                   "of at most 15"]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_resume_of_a_weights_only_run_says_to_use_init_from(capsys):
+    assert main(["--resume", "pretrained/conv32"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --resume pretrained/conv32: it holds weights only, no optimizer state to continue; "
+                   "begin a new run from its weights with --init-from pretrained/conv32"]
+    assert not (ROOT / "pretrained" / "conv32" / ".lock").exists()
+
+
+def test_a_file_where_the_tensorboard_folder_goes_is_found_before_training(small_config, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "tensorboard").write_text("not a folder")
+    flags = ["--epochs", "1", "--train-size", "512", "--test-size", "100", "--data-dir", small_config.data_dir,
+             "--device", "cpu", "--out", str(run)]
+    assert main([*flags, "--tensorboard"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --tensorboard writes into {run / 'tensorboard'}, which is a file: move it away, or "
+                   "train without --tensorboard"]
+    assert (run / "tensorboard").read_text() == "not a folder" and not (run / "metrics.jsonl").exists()
+    assert main(flags) == 0  # and the lock was released
 
 
 def test_resume_takes_no_other_flags(capsys):
