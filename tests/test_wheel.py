@@ -44,8 +44,8 @@ def installed(tmp_path_factory):
     python = venv / "bin" / "python"
     _run([uv, "pip", "install", "--quiet", "--offline", "--no-deps", "--python", str(python), str(wheel)],
          cwd=base, env=os.environ)
-    site = Path(subprocess.check_output([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                                        text=True).strip())
+    where = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    site = Path(subprocess.check_output([str(python), "-c", where], text=True).strip())
     (site / "project_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")  # torch, pyro, ...
 
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYRO_VAE_DATA")}
