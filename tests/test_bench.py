@@ -3,6 +3,7 @@
 No timing assertions: speed depends on the machine and its load; only the structure is checked.
 """
 
+import dataclasses
 import json
 import math
 
@@ -69,6 +70,44 @@ def test_one_training_step_moves_both_sides_to_the_same_parameters():
     assert not torch.equal(initial["head.weight"], moved["head.weight"])  # the project side did step
     for name, value in moved.items():
         torch.testing.assert_close(value, reference[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_the_bf16_yardstick_is_the_bf16_trainers_arithmetic():
+    """--bf16's pair: both sides under the trainer's autocast take the same step, and it is not the fp32 one."""
+    losses = {}
+    for precision in ("bf16", "fp32"):
+        config, x = dataclasses.replace(TINY["conv"], precision=precision), _batch()
+        torch.manual_seed(0)
+        project = ProjectTrainer(config, NUM_DATA, torch.device("cpu"))
+        torch.manual_seed(0)
+        yardstick = Yardstick(config, NUM_DATA, torch.device("cpu"))
+        torch.manual_seed(5)
+        with project.scope():
+            losses[precision] = project.step(x)
+        torch.manual_seed(5)
+        assert losses[precision] == pytest.approx(yardstick.step(x).item(), rel=1e-5)
+        # Adam's first step moves each weight by lr * sign(gradient): the same on both sides, except where a
+        # gradient is within the rounding of bf16's backward pass of zero and the two sides' signs differ (2 lr)
+        moved = [(a - b).abs() for a, b in zip(project.vae.decoder.parameters(), yardstick.decoder.parameters())]
+        differ = sum(int((d > 1e-5).sum()) for d in moved)
+        assert max(d.max().item() for d in moved) <= 2 * config.lr + 1e-6
+        assert differ <= (0.01 * sum(d.numel() for d in moved) if precision == "bf16" else 0)
+    # bf16 keeps 8 bits of each network output (relative rounding up to 2^-9); over the 6,272 pixel terms much of
+    # it averages out, but the -ELBO still moves (6e-5 of it here) by more than twice the 1e-5 the sides agree to
+    assert abs(losses["bf16"] - losses["fp32"]) > 2e-5 * losses["fp32"]
+
+
+def test_the_benchmark_with_bf16_reports_its_three_ratios(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["--device", "cpu", "--synthetic", "--train-size", "64", "--test-size", "16", "--batch-size", "8",
+                 "--arch", "mlp", "--hidden-dim", "16", "--latent-dim", "4", "--steps", "2", "--repeats", "3",
+                 "--warmup", "1", "--eval-repeats", "1", "--ll-images", "4", "--ll-k", "4", "--ll-chunk", "4",
+                 "--bf16", "--json", str(out)]) == 0
+    (t,) = json.loads(out.read_text())["training"]
+    assert {"project", "yardstick", "project-bf16", "yardstick-bf16"} <= set(t["sides"])
+    assert set(t["bf16"]) == {"project-bf16/project", "project-bf16/yardstick-bf16", "yardstick-bf16/yardstick"}
+    assert all(math.isfinite(r) and r > 0 for r in t["bf16"].values())
+    assert "bf16 at batch 8: project-bf16/yardstick-bf16" in capsys.readouterr().out
 
 
 def test_the_project_side_is_the_trainers_step(monkeypatch):

@@ -56,7 +56,12 @@ def test_the_roofline_runs_a_tiny_model_and_writes_its_figures(tmp_path, data_di
         assert row["fraction"] == pytest.approx(workload["attainable_s"] / row["seconds"])
     conv = [row for row in results["ops"] if row["op"].startswith("convolution")]
     assert conv and all({"contiguous/1", "channels_last/1"} <= set(row["gflops"]) for row in conv)
-    assert "of attainable" in capsys.readouterr().out
+    gemm = results["gemm"]  # the hardware's peak beside torch's per-op best
+    assert gemm["gflops"]["1"] > 0 and gemm["gflops_bf16"]["1"] > 0
+    report = capsys.readouterr().out
+    assert "of attainable" in report
+    fraction = step["threads"]["1"]["gflops"] / gemm["gflops"]["1"]
+    assert f"1 thread(s) {fraction:.0%} of the fp32 peak" in report
     with pytest.raises(SystemExit) as exit_info:  # the model's flags are the trainer's, checked by its parser
         roofline.main(["--", "--prior", "nonsense"])
     assert exit_info.value.code == 2
