@@ -3,7 +3,10 @@ point 3: evaluate may use bf16 only where the two agree within 0.05 nats).
 
     OMP_NUM_THREADS=1 uv run python benchmarks/bf16_evaluate.py IMAGES K RUN [RUN ...]
 """
-import sys, time, torch, pyro
+import sys
+import time
+import torch
+import pyro
 import pyro_vae
 from pyro_vae.evaluate import importance_estimates
 from pyro_vae.precision import autocast
