@@ -50,8 +50,9 @@ def fill_config(config, data) -> None:
     if config.num_classes and config.num_classes != data.num_classes:
         raise DataError(f"--num-classes {config.num_classes} was given, but the labels have {data.num_classes}")
     config.image_shape, config.num_classes = shape, data.num_classes
-    if config.kernel_errors():  # your own images' side is known only now
-        raise DataError(config.kernel_errors()[0])
+    wider = config.kernel_errors()  # your own images' side is known only now
+    if wider:
+        raise DataError(wider[0])
     if config.conditional and data.num_classes < 2:
         raise DataError("--conditional needs labelled images (class subfolders, or labels in the .npz), and these "
                         "have none")

@@ -48,9 +48,9 @@ def test_yardstick_loss_and_gradients_equal_trace_elbo_at_the_same_draw(arch):
     assert other != pytest.approx(pyro_loss.item(), rel=1e-5)
 
 
-def test_one_training_step_moves_both_sides_to_the_same_parameters():
-    """Same initial weights, same batch, same draw: the SVI step and the hand-written step agree."""
-    config, x = TINY["mlp"], _batch()
+def _one_step_each(config: Config, x: torch.Tensor) -> tuple[ProjectTrainer, Yardstick, float, float]:
+    """Both sides built from the same initial weights, then one step each on x under the same draw: the sides
+    and their losses."""
     torch.manual_seed(0)
     project = ProjectTrainer(config, NUM_DATA, torch.device("cpu"))
     torch.manual_seed(0)
@@ -59,7 +59,13 @@ def test_one_training_step_moves_both_sides_to_the_same_parameters():
     with project.scope():
         project_loss = project.step(x)
     torch.manual_seed(5)
-    yardstick_loss_value = yardstick.step(x).item()
+    return project, yardstick, project_loss, yardstick.step(x).item()
+
+
+def test_one_training_step_moves_both_sides_to_the_same_parameters():
+    """Same initial weights, same batch, same draw: the SVI step and the hand-written step agree."""
+    config = TINY["mlp"]
+    project, yardstick, project_loss, yardstick_loss_value = _one_step_each(config, _batch())
     assert project_loss == pytest.approx(yardstick_loss_value, rel=1e-5)
     moved = dict(project.vae.encoder.named_parameters()) | {
         f"d.{k}": v for k, v in project.vae.decoder.named_parameters()}
@@ -76,16 +82,9 @@ def test_the_bf16_yardstick_is_the_bf16_trainers_arithmetic():
     """--bf16's pair: both sides under the trainer's autocast take the same step, and it is not the fp32 one."""
     losses = {}
     for precision in ("bf16", "fp32"):
-        config, x = dataclasses.replace(TINY["conv"], precision=precision), _batch()
-        torch.manual_seed(0)
-        project = ProjectTrainer(config, NUM_DATA, torch.device("cpu"))
-        torch.manual_seed(0)
-        yardstick = Yardstick(config, NUM_DATA, torch.device("cpu"))
-        torch.manual_seed(5)
-        with project.scope():
-            losses[precision] = project.step(x)
-        torch.manual_seed(5)
-        assert losses[precision] == pytest.approx(yardstick.step(x).item(), rel=1e-5)
+        config = dataclasses.replace(TINY["conv"], precision=precision)
+        project, yardstick, losses[precision], yardstick_loss_value = _one_step_each(config, _batch())
+        assert losses[precision] == pytest.approx(yardstick_loss_value, rel=1e-5)
         # Adam's first step moves each weight by lr * sign(gradient): the same on both sides, except where a
         # gradient is within the rounding of bf16's backward pass of zero and the two sides' signs differ (2 lr)
         moved = [(a - b).abs() for a, b in zip(project.vae.decoder.parameters(), yardstick.decoder.parameters())]
