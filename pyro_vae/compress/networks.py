@@ -151,9 +151,10 @@ class _Affine(nn.Module):
         self.shift = WEIGHT_BITS - (math.frexp(top)[1] if top > 0 else 0)  # |w| < 2^e: |w * 2^shift| <= 2^15
         self.bits = in_bits + self.shift  # the sums' scale
         self.register_buffer("weight", torch.round(w * 2.0 ** self.shift))  # buffers: .to(device) moves them
+        self.channel_first = isinstance(layer, nn.ConvTranspose2d)  # its maps are (C, N, H, W)
         self.register_buffer("bias", None if b is None else torch.round(b.detach().cpu().double() * 2.0 ** self.bits))
         # convolutions as matrix products (float64 GEMM; torch's float64 convolutions are several times slower)
-        # over unfolded patches, and a transposed one's products folded back (col2im sums the overlaps)
+        # over unfolded patches, and a transposed one's products added where they land (_transposed)
         if isinstance(layer, nn.Linear):
             self.op, per_output = (lambda a: a @ self.weight.T), self.weight.abs().sum(1)
         elif isinstance(layer, nn.ConvTranspose2d):
@@ -183,19 +184,30 @@ class _Affine(nn.Module):
         return op
 
     def _transposed(self, layer: nn.ConvTranspose2d):
+        """The op on channel-first maps (C, N, H, W): one GEMM gives every tap's products (out, kh, kw, N, H, W),
+        and kh x kw strided adds put each tap's where it lands (torch's col2im is a slow loop; the GEMM's own
+        layout also spares the transposes of a batch-first one). The adds sum integers: exact in any order."""
         kernel, stride, padding, extra = layer.kernel_size, layer.stride, layer.padding, layer.output_padding
         def op(a: torch.Tensor) -> torch.Tensor:
             matrix = self.weight.reshape(self.weight.shape[0], -1).T  # (out * kh * kw, in)
-            size = tuple((n - 1) * s - 2 * p + k + e for n, s, p, k, e in zip(a.shape[-2:], stride, padding, kernel,
-                                                                              extra))
-            columns = _batched(matrix, a.reshape(len(a), a.shape[1], -1))  # (N, out * kh * kw, h * w)
-            return nn.functional.fold(columns, size, kernel, padding=padding, stride=stride)
+            channels, n, h, w = a.shape
+            taps = (matrix @ a.reshape(channels, -1)).reshape(-1, *kernel, n, h, w)
+            size = [(m - 1) * s - 2 * p + k + e for m, s, p, k, e in zip((h, w), stride, padding, kernel, extra)]
+            full = [max((m - 1) * s + k, p + o) for m, s, k, p, o in zip((h, w), stride, kernel, padding, size)]
+            out = taps.new_zeros(len(taps), n, *full)
+            (sh, sw), (kh, kw) = stride, kernel
+            for i in range(kh):
+                for j in range(kw):
+                    out[:, :, i:i + (h - 1) * sh + 1:sh, j:j + (w - 1) * sw + 1:sw] += taps[:, i, j]
+            return out[:, :, padding[0]:padding[0] + size[0], padding[1]:padding[1] + size[1]]
         return op
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
+        """a: (N, features) or (N, C, H, W); a transposed convolution's (C, N, H, W), its output too."""
         out = self.op(a)
         if self.bias is not None:
-            out += self.bias if out.dim() == 2 else self.bias[:, None, None]
+            out += self.bias if out.dim() == 2 else self.bias[:, None, None, None] if self.channel_first \
+                else self.bias[:, None, None]
         return out
 
 
@@ -241,8 +253,12 @@ class _Stack(nn.Module):
         self.layers = nn.ModuleList(step[0] for step in self.steps)  # registered: .to(device) moves their weights
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
-        relu_done = False
-        for i, (module, bits, to_bits, limit) in enumerate(self.steps):
+        relu_done, channel_first = False, False  # a transposed convolution's maps are (C, N, H, W) until the next
+        for i, (module, bits, to_bits, limit) in enumerate(self.steps):  # layer that is not one
+            wants = channel_first if isinstance(module, nn.ReLU) else getattr(module, "channel_first", False)
+            if wants != channel_first:
+                a, channel_first = a.transpose(0, 1), wants
+                a = a if wants else a.contiguous()
             if bits is not None:
                 relu_done = i + 1 < len(self.steps) and isinstance(self.steps[i + 1][0], nn.ReLU)
                 a = _rescale(module(a), bits, to_bits, limit, relu_done)
@@ -252,7 +268,7 @@ class _Stack(nn.Module):
                 a = softplus(a.to(torch.int64), ACT_BITS).double()
             else:
                 a = module(a)
-        return a
+        return a.transpose(0, 1).contiguous() if channel_first else a
 
 
 def _latent(z: torch.Tensor) -> torch.Tensor:
