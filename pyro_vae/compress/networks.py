@@ -46,6 +46,7 @@ TABLE_RANGE = 32  # the softplus and sigmoid tables span [-32, 32]; beyond it so
 TABLE_STEP_BITS = 6  # a table point every 2^-6, linear between (softplus: off by < 2^-17, below OUT_BITS)
 PROB_BITS = 32  # pixel probabilities are integers / 2^32
 LOG_BITS = 16  # log probabilities (the importance weights' terms) are integers / 2^16 nats
+CHUNK = 32  # rows per pass through a network (see _Stack.forward)
 MIN_SCALE_INT = round(MIN_SCALE * 2 ** OUT_BITS)  # the scales' floor on the output grid (7 / 2^16 ~ MIN_SCALE)
 
 
@@ -253,6 +254,11 @@ class _Stack(nn.Module):
         self.layers = nn.ModuleList(step[0] for step in self.steps)  # registered: .to(device) moves their weights
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
+        """Rows in chunks of CHUNK (each row's integers do not depend on the others: the same result, but a chunk's
+        maps stay in the cache: 2-3x faster than one pass over K x 100 rows on this CPU)."""
+        return a if len(a) == 0 else torch.cat([self._chunk(c) for c in a.split(CHUNK)])
+
+    def _chunk(self, a: torch.Tensor) -> torch.Tensor:
         relu_done, channel_first = False, False  # a transposed convolution's maps are (C, N, H, W) until the next
         for i, (module, bits, to_bits, limit) in enumerate(self.steps):  # layer that is not one
             wants = channel_first if isinstance(module, nn.ReLU) else getattr(module, "channel_first", False)
