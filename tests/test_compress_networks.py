@@ -33,7 +33,7 @@ def test_the_decoder_in_chunks_gives_each_row_what_it_gives_that_row_alone():
 
 @pytest.mark.parametrize("layer", [nn.Linear(3000, 2), nn.ConvTranspose2d(400, 2, 3), nn.Conv2d(400, 2, 3)])
 def test_a_layer_whose_sums_could_pass_float64s_exact_integers_is_refused(layer):
-    nn.init.constant_(layer.weight, 1.0)  # every weight at 2^15: 3,000 (3,600) inputs x 2^15 = 2^26.6 (2^26.8)
+    nn.init.constant_(layer.weight, 1.0)  # every weight 2^14 (|w| < 2^1): 3,000 (3,600) x 2^14 = 2^25.6 (2^25.8)
     with pytest.raises(networks.NotExact, match="past float64's exact integers"):
-        networks._Affine(layer, networks.ACT_BITS, 2.0 ** 25)  # sums up to 2^51.6: past the 2^51 allowed
-    networks._Affine(layer, networks.ACT_BITS, 2.0 ** 23.5)  # up to 2^50.3: built
+        networks._Affine(layer, networks.ACT_BITS, 2.0 ** 26)  # sums up to 2^51.6: past the 2^51 allowed
+    networks._Affine(layer, networks.ACT_BITS, 2.0 ** 24.5)  # up to 2^50.3: built
