@@ -17,11 +17,12 @@ from pyro_vae.data import load_mnist
 CACHE = Path("runs/experiments/digit_classifier.pt")
 
 
-def _net() -> nn.Module:
+def _net(shape: tuple = (1, 28, 28), classes: int = 10) -> nn.Module:
+    channels, height, width = shape
     return nn.Sequential(
-        nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # (B, 32, 14, 14)
-        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # (B, 64, 7, 7)
-        nn.Flatten(), nn.Linear(64 * 7 * 7, 128), nn.ReLU(), nn.Linear(128, 10),
+        nn.Conv2d(channels, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # (B, 32, H/2, W/2)
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # (B, 64, H/4, W/4)
+        nn.Flatten(), nn.Linear(64 * (height // 4) * (width // 4), 128), nn.ReLU(), nn.Linear(128, classes),
     )
 
 
@@ -29,12 +30,19 @@ def _net() -> nn.Module:
 def train_classifier(data_dir: str = "~/.cache/pyro_vae", epochs: int = 2, device: str = "cpu",
                      seed: int = 0, train_size: int = 0, test_size: int = 0) -> tuple[nn.Module, float]:
     """Train on grey MNIST for a couple of epochs; return the net and its test accuracy (about 0.99)."""
-    torch.manual_seed(seed)
     data = load_mnist(data_dir, binarize="none", device=device, train_size=train_size, test_size=test_size)
-    net = _net().to(device)
+    return train_on(data, epochs, seed)
+
+
+@torch.enable_grad()
+def train_on(data, epochs: int = 2, seed: int = 0) -> tuple[nn.Module, float]:
+    """Train on any labelled `data.MNIST` (grey values, any (C, H, W) and number of classes, e.g. your own folder
+    from datasets.load_images); return the net and its accuracy on data's test images."""
+    torch.manual_seed(seed)
+    net = _net(data.image_shape, data.num_classes).to(data.train_images.device)
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
     for _ in range(epochs):
-        for idx in torch.randperm(data.num_train, device=device).split(128):
+        for idx in torch.randperm(data.num_train, device=data.train_images.device).split(128):
             loss = F.cross_entropy(net(data.train_images[idx]), data.train_labels[idx])
             optimizer.zero_grad()
             loss.backward()

@@ -285,3 +285,18 @@ def test_fashion_mnist_files_in_data_dir_train_and_no_files_is_one_line_exit_1(t
     assert missing.returncode == 1 and "Traceback" not in missing.stderr
     errors = [line for line in missing.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "kmnist" in errors[0] and str(tmp_path / "empty") in errors[0]
+
+
+@pytest.mark.slow
+def test_the_cvae_folder_experiment_trains_a_cvae_and_a_classifier_on_a_png_class_folder(tmp_path, data_dir,
+                                                                                          monkeypatch):
+    # experiments/cvae_folder.py at tiny scale: the CVAE bar on a labelled PNG folder (docs/own_data.md)
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "experiments"))
+    from cvae_folder import folder_recognition
+    from make_digit_folder import write_digit_folder
+
+    folder = write_digit_folder(tmp_path / "digits", 300, str(data_dir))
+    figures = folder_recognition(folder, tmp_path / "run", epochs=1, classifier_epochs=3, per_class=5)
+    assert figures["samples"] == 50 and figures["train_images"] + figures["test_images"] == 300
+    assert figures["classifier_test_accuracy"] > 0.3  # ten classes: chance is 0.1
+    assert 0.0 <= figures["recognition"] <= 1.0
