@@ -295,8 +295,10 @@ def test_the_cvae_folder_experiment_trains_a_cvae_and_a_classifier_on_a_png_clas
     from cvae_folder import folder_recognition
     from make_digit_folder import write_digit_folder
 
-    folder = write_digit_folder(tmp_path / "digits", 300, str(data_dir))
-    figures = folder_recognition(folder, tmp_path / "run", epochs=1, classifier_epochs=3, per_class=5)
-    assert figures["samples"] == 50 and figures["train_images"] + figures["test_images"] == 300
-    assert figures["classifier_test_accuracy"] > 0.3  # ten classes: chance is 0.1
-    assert 0.0 <= figures["recognition"] <= 1.0
+    folder = write_digit_folder(tmp_path / "digits", 1000, str(data_dir))
+    figures = folder_recognition(folder, tmp_path / "run", epochs=300, per_class=20)  # 2,100 steps, about a minute
+    assert figures["samples"] == 200 and figures["train_images"] + figures["test_images"] == 1000
+    assert figures["classifier_test_accuracy"] > 0.6  # ten classes: chance is 0.1; measured 0.83 and 0.85
+    # measured 0.79 and 0.83 (seeds 0 and 1); samples that ignored their label would be recognised about 0.1 of
+    # the time (the binomial spread of 200 samples is 0.03)
+    assert figures["recognition"] > 0.5
