@@ -13,7 +13,7 @@ from pyro_vae.evaluate import elbo_per_image
 # name: latent size, and the test ELBO its training reported on all 10,000 test images (pretrained/README.md)
 SHIPPED = {"conv32": (32, -96.76), "latent2": (2, -157.20), "conv32_full": (32, -92.66),
            "best_cpu": (32, -87.75), "hierarchical": (32, -90.41),
-           "ablation_prior_flow": (32, -88.64)}
+           "ablation_prior_flow": (32, -88.64), "pixelcnn_flow_iaf": (32, -81.91)}
 
 
 @pytest.mark.parametrize("name", SHIPPED)
