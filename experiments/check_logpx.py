@@ -16,6 +16,7 @@ import sys
 import pyro
 import pyro.poutine as poutine
 import torch
+from pyro.poutine.util import site_is_subsample
 
 import pyro_vae
 from pyro_vae.datasets import load_data
@@ -35,8 +36,8 @@ def log_px_plain(vae, x: torch.Tensor, k: int, draws_per_pass: int) -> torch.Ten
             model = poutine.trace(poutine.replay(vae.model, trace=guide)).get_trace(copies)
             total = torch.zeros(n, dtype=torch.float64)
             for trace, sign in ((model, 1.0), (guide, -1.0)):
-                for name, site in trace.nodes.items():
-                    if site["type"] != "sample" or type(site["fn"]).__name__ == "_Subsample":
+                for site in trace.nodes.values():
+                    if site["type"] != "sample" or site_is_subsample(site):
                         continue
                     log_prob = site["fn"].log_prob(site["value"])  # unscaled: no N / B, no KL weight
                     total += sign * log_prob.double().reshape(n, -1).sum(1)

@@ -19,6 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from digit_classifier import train_on  # noqa: E402
 from make_digit_folder import write_digit_folder  # noqa: E402
+from run import experiment  # noqa: E402
 
 import pyro_vae  # noqa: E402
 from pyro_vae import Config  # noqa: E402
@@ -26,7 +27,7 @@ from pyro_vae.datasets import load_images  # noqa: E402
 from pyro_vae.train import train  # noqa: E402
 
 
-RECIPE = {"latent_dim": 8, "arch": "mlp"}  # the cvae row's (experiments/configs/cvae.toml)
+RECIPE = experiment("cvae")["config"]  # the cvae row's: --conditional, mlp, 8 latent dimensions
 
 
 def folder_recognition(folder: str | Path, out: str | Path, epochs: int = 200, classifier_epochs: int = 5,
@@ -35,8 +36,7 @@ def folder_recognition(folder: str | Path, out: str | Path, epochs: int = 200, c
     and classify per_class samples of each class; returns the figures (recognition is the bar's share).
     config: Config fields over RECIPE's."""
     config = {**RECIPE, **config}
-    run_dir = train(Config(data=str(folder), conditional=True, epochs=epochs, out=str(out), seed=seed, **config),
-                    overwrite=True)
+    run_dir = train(Config(data=str(folder), epochs=epochs, out=str(out), seed=seed, **config), overwrite=True)
     run = pyro_vae.load(run_dir)
     data = load_images(folder, image_size=run.config.image_size, test_fraction=run.config.test_fraction,
                        binarize="none")

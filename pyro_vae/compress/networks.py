@@ -206,9 +206,10 @@ class _Affine(nn.Module):
     def forward(self, a: torch.Tensor) -> torch.Tensor:
         """a: (N, features) or (N, C, H, W); a transposed convolution's (C, N, H, W), its output too."""
         out = self.op(a)
-        if self.bias is not None:
-            out += self.bias if out.dim() == 2 else self.bias[:, None, None, None] if self.channel_first \
-                else self.bias[:, None, None]
+        if self.bias is not None:  # along the channels: dim 0 of channel-first maps, else dim 1 (or a row's last)
+            shape = [1] * out.dim()
+            shape[0 if self.channel_first else 1] = -1
+            out += self.bias.view(shape)
         return out
 
 
