@@ -11,6 +11,9 @@ extensions, each asked of the run's own distributions:
 - Hierarchies (`--layers L` runs with the bottom-up guide): Bit-Swap's order (Kingma et al., ICML 2019), layer by
   layer, so the bits popped for z_l+1 come from what z_l and x pushed, and the initial bits do not grow with L.
 - Label-conditioned runs: the label is pushed last with the model's own p(y), so images and labels come back.
+- The flow prior and the IAF guide (one layer): z = g(e) is coded as the flow's base e, whose prior is the
+  diagonal N(0, I), with a diagonal proposal r(e | x) fitted to q(z | x)'s draws carried through g^-1; an image
+  then costs -log (1/K sum_k p(e_k) p(x | g(e_k)) / r(e_k | x)), a bound on -log p(x) whatever r.
 
 Each latent dimension is cut into 2^precision bins of equal mass under a normal as wide as the guide's draws of it
 on the images coded (the file stores that frame); every Gaussian of the program (q(z_l | .), p(z_l | .), p(z | y))
@@ -70,6 +73,10 @@ DEFAULT_K = 32
 # posterior, and importance weights from a narrow proposal are heavy-tailed (measured on conv32, K = 24, 300 images:
 # 1.1 codes 0.59 bits an image below 1.0, 1.2 0.78, 1.3 0.61)
 DEFAULT_WIDEN = 1.2
+# the base-space proposal of a flow run is fitted to the guide's draws, not the ELBO-trained q itself: it needs less
+# (pixelcnn_flow_iaf, first 100 test images, -IWAE_32 of r: 1.0 codes 0.08 nats an image above 1.1, 1.2 0.15;
+# experiments/base_space_proposal.py)
+BASE_SPACE_WIDEN = 1.1
 MAX_K = 1024
 MAX_BATCH = 100  # images per batch once the stack holds enough bits
 LARGEST_BATCH = 10_000  # the most a file may ask for (memory: see _working_bytes)
@@ -88,6 +95,10 @@ _HEADER = struct.Struct("<6sBBHBBIIII32s32sHHeB")  # magic, version, precision, 
 _PHI_RANGE = 8  # the normal CDF is 0 below -8 and 1 above 8 at 2^-32
 _PHI_STEP_BITS = 10  # the CDF's table has a point every 2^-10, interpolated linearly between them: a bin in
 #                     the tails (2^-8 wide at 3 sd) gets the mass of a chord, 0.2% off at most
+# the flow prior and the IAF guide: the proposal r(e | x) in the flow's base space is the mean and deviation of this
+# many draws of q(z | x) carried through g^-1, from a fixed seed, so encoder and decoder fit the same r
+FIT_DRAWS = 1024
+FIT_SEED = 0
 _T_BITS = 26  # (edge - loc) / scale is rounded to 2^-26 before the table is read (a central bin of N(0, 1) is
 #               2^-11 wide: its mass is then right to 0.01%)
 
@@ -108,6 +119,12 @@ def _diagonal_normal(d) -> bool:
     return isinstance(d, dist.Independent) and type(d.base_dist) is dist.Normal and d.reinterpreted_batch_ndims == 1
 
 
+def _over_diagonal_normal(d) -> bool:
+    """Whether d is a diagonal Normal pushed through invertible transforms (a flow): coded in its base space."""
+    return (isinstance(d, dist.TransformedDistribution) and _diagonal_normal(d.base_dist)
+            and all(t.bijective for t in d.transforms))
+
+
 def _binary_pixels(d) -> bool:
     """Whether d codes binary pixels: each its own Bernoulli given z (coded all at once), or each given the ones
     before it (pixel by pixel)."""
@@ -122,6 +139,8 @@ def unsupported(run: TrainedVAE, k: int = 1) -> str | None:
     Asked of the run's model and guide traced on two blank images: every latent site must be a diagonal Gaussian
     in both (its bins are coded one dimension at a time), the guide must go bottom-up, q(z | x) q(z2 | z) ...
     (Bit-Swap's order), and p(x | z) must be Bernoulli pixels, independent given z or each given the ones before.
+    One layer may have flows (a diagonal Gaussian through invertible transforms) in the prior and the guide: z is
+    then coded in the prior's base space (_Program.proposal).
     """
     vae, config = run.vae, run.config
     if config.shape() != IMAGE_SHAPE or config.data or config.dataset != "mnist":  # docs/own_data.md
@@ -138,11 +157,12 @@ def unsupported(run: TrainedVAE, k: int = 1) -> str | None:
                 f"this guide draws {', '.join(latents)} in that order")
     for name in latents:
         for flag, which, d in (("guide", "q", guide.nodes[name]["fn"]), ("prior", "p", model.nodes[name]["fn"])):
-            if not _diagonal_normal(d):
+            if not _diagonal_normal(d) and not (len(latents) == 1 and _over_diagonal_normal(d)):
                 value = getattr(config, flag)
                 density = f"q({name} | .)" if which == "q" else f"p({name})"
                 why = (f"{density} is a flow, whose density does not factor over the latent dimensions into the "
-                       "per-dimension bins (docs/compression.md)" if isinstance(d, dist.TransformedDistribution)
+                       "per-dimension bins; its base space is coded for one stochastic layer (docs/compression.md)"
+                       if isinstance(d, dist.TransformedDistribution)
                        else f"the bins code {density} one dimension at a time, as a diagonal Gaussian")
                 return f"--{flag} {value}: {why}; --{flag} normal is coded"
     if not _binary_pixels(model.nodes["x"]["fn"]):
@@ -174,7 +194,8 @@ class _Grid:
         mean, std = mean.astype(np.float64)[:, None], std.astype(np.float64)[:, None]
         self.precision, self.width = precision, len(mean)
         self.edges = mean + std * edges  # (D, 2^P + 1), -inf and inf at the ends
-        self.centres = torch.from_numpy(mean + std * centres).float()  # (D, 2^P): where the networks evaluate z
+        self.centres64 = mean + std * centres  # (D, 2^P), float64
+        self.centres = torch.from_numpy(self.centres64).float()  # (D, 2^P): where the networks evaluate z
         self.dims = np.arange(self.width)
 
     def points(self, k: np.ndarray) -> torch.Tensor:
@@ -188,6 +209,18 @@ def _phi_table() -> np.ndarray:
     steps = 2 * _PHI_RANGE << _PHI_STEP_BITS
     t = [-_PHI_RANGE + i / (1 << _PHI_STEP_BITS) for i in range(steps + 2)]
     return np.array([round(0.5 * math.erfc(-v / math.sqrt(2)) * 2 ** 32) for v in t], dtype=np.int64)
+
+
+def _integer_cdf(edges: np.ndarray, loc: np.ndarray, scale: np.ndarray, k: np.ndarray, spread: int) -> np.ndarray:
+    """C(k) of Gaussians (loc, scale) on bins with these edges: from the rounded standardized edge by integers alone
+    (a table of the normal CDF, interpolated), plus k (each bin's floor of 1)."""
+    t = (edges - loc) / scale
+    s = np.rint(np.clip(t, -_PHI_RANGE, _PHI_RANGE) * (1 << _T_BITS)).astype(np.int64) + (_PHI_RANGE << _T_BITS)
+    shift = _T_BITS - _PHI_STEP_BITS
+    index, rest = s >> shift, s & ((1 << shift) - 1)
+    table = _phi_table()
+    phi = table[index] + (((table[index + 1] - table[index]) * rest) >> shift)  # 2^32 Phi(t)
+    return ((phi * spread) >> 32) + k
 
 
 class _Bins:
@@ -204,13 +237,11 @@ class _Bins:
         self.spread = (1 << FINE_BITS) - (1 << grid.precision)  # CDF mass left after every bin's floor of 1
 
     def cdf(self, k: np.ndarray) -> np.ndarray:
-        t = (self.grid.edges[self.grid.dims, k] - self.loc) / self.scale
-        s = np.rint(np.clip(t, -_PHI_RANGE, _PHI_RANGE) * (1 << _T_BITS)).astype(np.int64) + (_PHI_RANGE << _T_BITS)
-        shift = _T_BITS - _PHI_STEP_BITS
-        index, rest = s >> shift, s & ((1 << shift) - 1)
-        table = _phi_table()
-        phi = table[index] + (((table[index + 1] - table[index]) * rest) >> shift)  # 2^32 Phi(t)
-        return ((phi * self.spread) >> 32) + k
+        return _integer_cdf(self.grid.edges[self.grid.dims, k], self.loc, self.scale, k, self.spread)
+
+    def interval(self, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """C(k) and C(k + 1): each bin's share of the 2^24."""
+        return self.cdf(k), self.cdf(k + 1)
 
     def find(self, u: np.ndarray) -> np.ndarray:
         """The bins k with C(k) <= u < C(k + 1): binary search, one bit of k at a time."""
@@ -226,18 +257,73 @@ class _Bins:
 
     def log_prob(self, k: np.ndarray) -> np.ndarray:
         """log of each vector of bins' probability, in nats: summed over the last dimension."""
-        return (np.log(self.cdf(k + 1) - self.cdf(k)) - FINE_BITS * math.log(2)).sum(-1)
+        low, high = self.interval(k)
+        return (np.log(high - low) - FINE_BITS * math.log(2)).sum(-1)
 
     def log_mass(self, k: np.ndarray) -> np.ndarray:
         """log of each vector of bins' integer mass (of 2^24), summed over the last dimension: int64, in units
         of 2^-16 nats, computed with integers only (networks.ln)."""
-        return networks.ln(self.cdf(k + 1) - self.cdf(k)).sum(-1)
+        low, high = self.interval(k)
+        return networks.ln(high - low).sum(-1)
+
+
+class _ChainBins(_Bins):
+    """A Gaussian with a full covariance L L^T over the latent dimensions (per image: mean (B, D), L (B, D, D)
+    lower triangular) on the bins, one dimension at a time in their order: bin k_d has the mass of the normal
+    conditional on the centres of the bins k_<d, N(mean_d + sum_j<d W_dj (c_j - mean_j), L_dd^2), with
+    W = I - diag(L) L^-1 strictly lower triangular. The product of those masses is a distribution over the bins.
+
+    Each conditional mean is summed dimension by dimension with numpy's elementwise arithmetic, in one order
+    whatever the array: the same bits wherever it is computed, as the CDF's integers need.
+    """
+
+    def __init__(self, grid: _Grid, loc: np.ndarray, scale: np.ndarray, weights: np.ndarray, shape: tuple):
+        super().__init__(grid, loc, scale, shape)
+        self.weights = weights  # W (B, D, D)
+
+    def _shift(self, loc: np.ndarray, k: np.ndarray, j: int) -> np.ndarray:
+        """loc with dimension j's bins k[..., j] added to the conditional means of the dimensions after it."""
+        deviation = self.grid.centres64[j, k[..., j]] - self.loc[..., j]
+        return loc + self.weights[..., :, j] * deviation[..., None]
+
+    def _conditional_locs(self, k: np.ndarray) -> np.ndarray:
+        loc = np.broadcast_to(self.loc, k.shape).copy()
+        for j in range(self.grid.width - 1):
+            loc = self._shift(loc, k, j)
+        return loc
+
+    def cdf(self, k: np.ndarray) -> np.ndarray:
+        raise TypeError("a chained Gaussian's bins have no CDF of their own: ask interval(k), given all of k")
+
+    def interval(self, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        loc, dims = self._conditional_locs(k), self.grid.dims
+        return tuple(_integer_cdf(self.grid.edges[dims, b], loc, self.scale, b, self.spread) for b in (k, k + 1))
+
+    def find(self, u: np.ndarray) -> np.ndarray:
+        """The bins, dimension by dimension: each given the ones before it found."""
+        shape = np.broadcast_shapes(u.shape, self.shape)
+        k, u = np.zeros(shape, dtype=np.int64), np.broadcast_to(u, shape)
+        loc, scale = np.broadcast_to(self.loc, shape).copy(), np.broadcast_to(self.scale, shape)
+        for d in range(self.grid.width):
+            edges, k_d = self.grid.edges[d], k[..., d]
+            for bit in reversed(range(self.precision)):
+                trial = k_d + (1 << bit)
+                below = _integer_cdf(edges[trial], loc[..., d], scale[..., d], trial, self.spread) <= u[..., d]
+                k_d = np.where(below, trial, k_d)
+            k[..., d] = k_d
+            if d < self.grid.width - 1:
+                loc = self._shift(loc, k, d)
+        return k
+
+    def widened(self, factor: float) -> _ChainBins:
+        return _ChainBins(self.grid, self.loc, self.scale * factor, self.weights, self.shape)
 
 
 def _bins_of(d: dist.Distribution, grid: _Grid, shape: tuple) -> _Bins:
-    """A latent site's diagonal Gaussian on its bins, broadcast to shape (..., D)."""
-    loc = d.base_dist.loc.detach().cpu().double().numpy()
-    scale = d.base_dist.scale.detach().cpu().double().numpy()
+    """A latent site's diagonal Gaussian (a flow's: its base) on its bins, broadcast to shape (..., D)."""
+    normal = d.base_dist.base_dist if isinstance(d, dist.TransformedDistribution) else d.base_dist
+    loc = normal.loc.detach().cpu().double().numpy()
+    scale = normal.scale.detach().cpu().double().numpy()
     return _Bins(grid, loc, scale, shape)
 
 
@@ -297,15 +383,15 @@ def _pop_bins(coder, bins: _Bins, draw: bool) -> np.ndarray:
     """
     u = _pop_fine(coder, bins.shape, draw)
     k = bins.find(u)
-    low = bins.cdf(k)
-    _push_uniform(coder, u - low, bins.cdf(k + 1) - low)
+    low, high = bins.interval(k)
+    _push_uniform(coder, u - low, high - low)
     return k
 
 
 def _push_bins(coder, k: np.ndarray, bins: _Bins, draw: bool) -> None:
     """Push bins k with their probabilities: coding z, or giving back a draw's bits (draw=True); undoes _pop_bins."""
-    low = bins.cdf(k)
-    _push_fine(coder, low + _pop_uniform(coder, bins.cdf(k + 1) - low), draw)
+    low, high = bins.interval(k)
+    _push_fine(coder, low + _pop_uniform(coder, high - low), draw)
 
 
 def _pixel_probabilities(likelihood: dist.Distribution, batch: int, exact: bool = False) -> np.ndarray:
@@ -374,10 +460,24 @@ class _Program:
     def __init__(self, trained: TrainedVAE, grids: dict):
         self.vae, self.grids = trained.vae, grids  # site -> _Grid
         self.sites = self.vae.sites  # z (next to x), z2, ... zL
+        self.to_z = None  # g, with z = g(e), where the prior of a one-layer run is a flow: its bins are e's
+        self.base_space = False  # whether z is coded in the prior's base space, by the fitted proposal
+        if len(self.sites) == 1:
+            blank = torch.zeros(1, *trained.config.shape(), device=trained.device)
+            label = torch.zeros(1, dtype=torch.long, device=trained.device) if self.vae.conditional else None
+            with torch.no_grad():
+                prior, q = self.site("model", "z", blank, label, {}), self.site("guide", "z", blank, label, {})
+            if isinstance(prior, dist.TransformedDistribution):
+                self.to_z = dist.transforms.ComposeTransform(prior.transforms)
+            self.base_space = self.to_z is not None or not _diagonal_normal(q)
 
     def _points(self, values: dict) -> dict:
-        """Bins (numpy) as their centres; draws already continuous (tensors) as they are."""
-        return {name: self.grids[name].points(v) if isinstance(v, np.ndarray) else v for name, v in values.items()}
+        """Bins (numpy) as their centres (as z = g(e) where the bins are the flow's base e); draws already
+        continuous (tensors) as they are."""
+        points = {name: self.grids[name].points(v) if isinstance(v, np.ndarray) else v for name, v in values.items()}
+        if self.to_z is not None and isinstance(values.get("z"), np.ndarray):
+            points["z"] = self.to_z(points["z"])
+        return points
 
     def site(self, which: str, name: str, x: torch.Tensor, y: torch.Tensor | None, values: dict,
              samples: int = 0) -> dist.Distribution:
@@ -396,6 +496,34 @@ class _Program:
         d = self.site(which, name, x, y, values)
         return _bins_of(d, self.grids[name], shape or (x.shape[0], *d.event_shape))
 
+    def proposal(self, x: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The Gaussian that z's bins are drawn from given x: q(z | x)'s own loc and scale (B, D); or, coded in the
+        base space (a flow in the prior or the guide), r(e | x): the mean (B, D) and the Cholesky factor (B, D, D)
+        of the covariance of FIT_DRAWS draws of q(z | x) carried to e = g^-1(z), drawn from FIT_SEED so that
+        encoder and decoder fit the same r. The flow prior's g^-1 correlates the dimensions of e: a diagonal r
+        codes 1.3 nats an image above a full one (pixelcnn_flow_iaf, K = 32, 100 images)."""
+        q = self.site("guide", "z", x, y, {})
+        if not self.base_space:
+            return q.base_dist.loc, q.base_dist.scale
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(FIT_SEED)
+            z = q.sample((FIT_DRAWS,))  # (M, B, D)
+        e = (z if self.to_z is None else self.to_z.inv(z)).double()
+        mean, deviation = e.mean(0), e - e.mean(0)
+        covariance = torch.einsum("mbi,mbj->bij", deviation, deviation) / (FIT_DRAWS - 1)
+        jitter = 1e-8 * torch.eye(e.shape[-1], dtype=e.dtype)  # a floor on the deviations: 1e-4
+        return mean, torch.linalg.cholesky(covariance + jitter)
+
+    def proposal_bins(self, x: torch.Tensor, y: torch.Tensor | None) -> _Bins:
+        loc, spread = (v.detach().cpu().double() for v in self.proposal(x, y))
+        if spread.dim() == loc.dim():  # diagonal
+            return _Bins(self.grids["z"], loc.numpy(), spread.numpy(), tuple(loc.shape))
+        scale = torch.diagonal(spread, dim1=-2, dim2=-1)
+        inverse = torch.linalg.solve_triangular(spread, torch.eye(loc.shape[-1], dtype=loc.dtype), upper=False)
+        weights = torch.eye(loc.shape[-1], dtype=loc.dtype) - scale[..., None] * inverse
+        weights = torch.tril(weights, diagonal=-1)  # exactly 0 on and above the diagonal
+        return _ChainBins(self.grids["z"], loc.numpy(), scale.numpy(), weights.numpy(), tuple(loc.shape))
+
 
 def marginals(trained: TrainedVAE, images: np.ndarray, labels: np.ndarray | None = None) -> tuple[float, ...]:
     """Where the guide puts each latent dimension on these images: the mean and standard deviation of its
@@ -411,7 +539,10 @@ def marginals(trained: TrainedVAE, images: np.ndarray, labels: np.ndarray | None
         torch.manual_seed(0)
         for site in program.sites:  # bottom-up: q(z | x), q(z2 | z), ...
             d = program.site("guide", site, x, y, values)
-            loc, scale = d.base_dist.loc.double(), d.base_dist.scale.double()
+            loc, scale = program.proposal(x, y) if site == "z" else (d.base_dist.loc, d.base_dist.scale)
+            loc, scale = loc.double(), scale.double()
+            if scale.dim() > loc.dim():  # a Cholesky factor: each dimension's deviation is its row's length
+                scale = scale.square().sum(-1).sqrt()
             mean = loc.mean(0)
             std = ((scale ** 2 + loc ** 2).mean(0) - mean ** 2).clamp(min=0).sqrt().clamp(min=1e-3)
             moments += [*mean.half().tolist(), *std.half().tolist()]
@@ -443,7 +574,7 @@ class _BitsBack:
         estimate (K > 1) or log q - log p at its own draws (K = 1)."""
         program, coder, sites = self.program, self.coder, self.program.sites
         x, y = _tensors(images, labels)
-        q = program.bins("guide", "z", x, y, {})
+        q = program.proposal_bins(x, y)
         values = {}
         if self.k > 1:
             values["z"], bound = self._draw_importance(q.widened(self.widen), x, y)
@@ -487,7 +618,7 @@ class _BitsBack:
             _push_bins(coder, values[site], program.bins("guide", site, blank, y, values), draw=True)
         images = _pop_pixels(coder, program.site("model", "x", blank, y, {"z": values["z"]}), size, self.exact)
         x = torch.from_numpy(images).float().reshape(-1, *IMAGE_SHAPE)
-        q = program.bins("guide", "z", x, y, {})
+        q = program.proposal_bins(x, y)
         if self.k > 1:
             self._undraw_importance(values["z"], q.widened(self.widen), x, y)
         else:
@@ -504,8 +635,8 @@ class _BitsBack:
         draws, log_w = self._weights(u, q, x, y)
         j = coder.decode(_models().Categorical(perfect=False), self._softmax(log_w)).astype(np.int64)
         z, u_j = draws[j, rows], (u + _shifts(self.k, q.shape[-1])[j]) & ((1 << FINE_BITS) - 1)
-        low = q.cdf(z)
-        _push_uniform(coder, u_j - low, q.cdf(z + 1) - low)
+        low, high = q.interval(z)
+        _push_uniform(coder, u_j - low, high - low)
         coder.encode_reverse(j.astype(np.int32), _models().Uniform(self.k))
         log_mean = np.logaddexp.reduce(self._nats(log_w), axis=1) - math.log(self.k)
         return z, -log_mean
@@ -513,8 +644,8 @@ class _BitsBack:
     def _undraw_importance(self, z: np.ndarray, q: _Bins, x: torch.Tensor, y: torch.Tensor | None) -> None:
         coder, rows = self.coder, np.arange(len(x))
         j = coder.decode(_models().Uniform(self.k), len(x)).astype(np.int64)
-        low = q.cdf(z)
-        u_j = low + _pop_uniform(coder, q.cdf(z + 1) - low)
+        low, high = q.interval(z)
+        u_j = low + _pop_uniform(coder, high - low)
         u = (u_j - _shifts(self.k, q.shape[-1])[j]) & ((1 << FINE_BITS) - 1)
         draws, log_w = self._weights(u, q, x, y)
         if not np.array_equal(draws[j, rows], z):
@@ -764,6 +895,12 @@ def portable(trained: TrainedVAE) -> bool:
     return networks.why_not_exact(trained.vae) is None
 
 
+def default_widen(trained: TrainedVAE) -> float:
+    """The proposal's widening with K > 1: BASE_SPACE_WIDEN where z is coded in a flow's base space, else
+    DEFAULT_WIDEN."""
+    return BASE_SPACE_WIDEN if _Program(trained, {}).base_space else DEFAULT_WIDEN
+
+
 def default_k(trained: TrainedVAE) -> int:
     """DEFAULT_K for a one-layer run, 1 for a hierarchy (coded at its ELBO)."""
     return DEFAULT_K if trained.config.layers == 1 else 1
@@ -795,7 +932,7 @@ def encode(run, images, labels=None, *, k: int | None = None, widen: float | Non
     """Compress binary images (N, 28, 28) losslessly with a run (a path or a loaded run): the file's bytes.
 
     A label-conditioned run codes the labels (N,) too. k: importance samples per image (default: default_k);
-    widen: their proposal's deviations over q's (default: DEFAULT_WIDEN with k > 1).
+    widen: their proposal's deviations over q's (default with k > 1: default_widen).
     """
     images = check_images(images)
     trained, path = _load(run, k)
@@ -829,7 +966,7 @@ def _settings(trained: TrainedVAE, k: int | None, widen: float | None, precision
     if problems:
         raise CompressError("; ".join(problems))
     k = default_k(trained) if k is None else k
-    widen = (DEFAULT_WIDEN if k > 1 else 1.0) if widen is None else widen
+    widen = (default_widen(trained) if k > 1 else 1.0) if widen is None else widen
     return k, float(np.float16(widen))
 
 

@@ -16,7 +16,7 @@ from .. import compress as codec  # the package: its functions are looked up whe
 from ..checkpoint import CheckpointError, write_atomically
 from ..data import IMAGE_SHAPE, DataError, load_mnist
 from ..trained import TrainedVAE
-from . import (DEFAULT_K, DEFAULT_WIDEN, MAX_BATCH, PIXELS, PRECISION, BadImages, CompressError, _bar,
+from . import (BASE_SPACE_WIDEN, DEFAULT_K, DEFAULT_WIDEN, MAX_BATCH, PIXELS, PRECISION, BadImages, CompressError, _bar,
                check_images, read_header, setting_problems)
 
 def elbo_bits(run: TrainedVAE, images: np.ndarray, labels: np.ndarray | None = None, batch_size: int = 500,
@@ -136,7 +136,8 @@ def build_parser(prog: str = "python -m pyro_vae.compress") -> argparse.Argument
     parser.add_argument("--k", type=int, default=None,
                         help=f"importance samples per image (default: {DEFAULT_K} for one layer, 1 for a hierarchy)")
     parser.add_argument("--widen", type=float, default=None,
-                        help=f"with --k 2 or more: the draws' deviations over q's (default: {DEFAULT_WIDEN})")
+                        help=f"with --k 2 or more: the draws' deviations over q's (default: {DEFAULT_WIDEN}; "
+                             f"{BASE_SPACE_WIDEN} for a flow run's base-space proposal)")
     parser.add_argument("--precision", type=int, default=PRECISION, help="2^P bins per latent dimension")
     parser.add_argument("--max-batch", type=int, default=MAX_BATCH, help="most images per batch")
     parser.add_argument("--data-dir", default=None, help="where MNIST is unpacked (default: the run's --data-dir)")

@@ -370,6 +370,9 @@ def _copies(vae: nn.Module) -> dict:
         raise NotExact("the ladder guide")
     if not isinstance(vae.encoder, Encoder) or not isinstance(vae.decoder, Decoder):
         raise NotExact("networks other than the Encoder and Decoder of pyro_vae.nets")
+    for piece, flag in ((vae.prior, "--prior"), (vae.posterior, "--guide")):
+        if any(isinstance(m, nn.Linear) for m in piece.modules()):
+            raise NotExact(f"the networks of {flag} {type(piece).__name__} (a flow's)")
     copies = {("encoder",): ExactEncoder(vae.encoder), ("decoder",): ExactDecoder(vae.decoder)}
     for name in ("top_down", "bottom_up"):
         for i, layer in enumerate(getattr(vae, name)):
