@@ -124,6 +124,17 @@ def test_an_npy_array_in_any_layout_uint8_or_float_gives_the_same_images(tmp_pat
         assert sorted(map(tuple, got.flatten(1).tolist())) == sorted(map(tuple, expected.flatten(1).tolist()))
 
 
+def test_float_pixels_between_the_levels_round_to_the_nearest_level(tmp_path):
+    """k + 0.4 and k + 0.6 (over 255) become levels k and k + 1: rounded, not truncated."""
+    k = np.arange(255, dtype=np.float64)
+    values = np.concatenate([(k + 0.4) / 255, (k + 0.6) / 255, np.zeros(4 * 256 - 510)])
+    np.save(tmp_path / "floats.npy", values.reshape(4, 16, 16))
+    data = load_images(tmp_path / "floats.npy", test_fraction=0.25, binarize="none")
+    got = torch.cat([data.train_images, data.test_images]).flatten() * 255
+    expected = np.concatenate([k, k + 1, np.zeros(4 * 256 - 510)])
+    assert sorted(got.round().tolist()) == sorted(expected.tolist())
+
+
 def test_an_npz_with_labels_is_labelled_and_bad_arrays_are_refused(tmp_path):
     rng = np.random.default_rng(3)
     np.savez(tmp_path / "set.npz", x=rng.random((40, 3, 16, 16)), y=np.arange(40) % 4)
