@@ -693,6 +693,12 @@ def _bound_and_error(vae, x: torch.Tensor, k: int, groups: int) -> tuple[float, 
     proposal = SimpleNamespace(model=vae.model, guide=Widened(widen)(vae.guide))
     log_w = torch.cat([log_weights(proposal, x[i:i + 50], num_samples=k * groups) for i in range(0, len(x), 50)],
                       dim=1)
+    return _grouped_bound(log_w, k, groups)
+
+
+def _grouped_bound(log_w: torch.Tensor, k: int, groups: int) -> tuple[float, float]:
+    """-IWAE_K in bits summed over the images from log weights (groups * K, N), and the standard error of one
+    K-draw estimate per image about it (see _bound_and_error)."""
     per_group = -(log_w.double().reshape(groups, k, -1).logsumexp(1) - math.log(k)) / math.log(2)  # (groups, N)
     variance = per_group.var(0).sum().item()
     return per_group.mean(0).sum().item(), math.sqrt(variance * (1 + 1 / groups))
@@ -739,9 +745,7 @@ def _base_space_bound_and_error(run, x: torch.Tensor, k: int, groups: int) -> tu
             likelihood = program.site("model", "x", part, None, {"z": program.to_z(e.float())}, samples=len(e))
             prior = torch.distributions.Normal(0.0, 1.0).log_prob(e).sum(-1)
             parts.append(likelihood.log_prob(part).double() + prior - r.log_prob(e))
-    log_w = torch.cat(parts, dim=1)
-    per_group = -(log_w.reshape(groups, k, -1).logsumexp(1) - math.log(k)) / math.log(2)  # (groups, N)
-    return per_group.mean(0).sum().item(), math.sqrt(per_group.var(0).sum().item() * (1 + 1 / groups))
+    return _grouped_bound(torch.cat(parts, dim=1), k, groups)
 
 
 @pytest.mark.slow
