@@ -112,6 +112,9 @@ class Config:
     beta: float = _opt(1.0, "weight of the KL term (beta-VAE)", minimum=0.0)
     kl_warmup_epochs: float = _opt(0.0, "raise the KL weight linearly from 0 to --beta over this many epochs",
                                    minimum=0.0)
+    free_bits: float = _opt(0.0, "free bits (Kingma et al. 2016), one group: nats per image under which a "
+                                 "minibatch's KL term is not penalized, so the objective's KL term is "
+                                 "max(FREE_BITS, KL) (0: off)", minimum=0.0)
     # data
     binarize: str = _opt("dynamic", "dynamic: fresh Bernoulli draw per use; threshold: pixel > 0.5; none: grey",
                          choices=("dynamic", "threshold", "none"))
@@ -186,6 +189,9 @@ class Config:
             problems.append("--lr must be positive, not 0")
         if self.beta == 0:
             problems.append("--beta must be positive, not 0")
+        if self.free_bits and self.elbo == "iwae":
+            problems.append("--free-bits floors the ELBO's KL term, which the importance-weighted bound has not: "
+                            "use it with --elbo trace or meanfield")
         if not self.studentt_df > 0:  # also refuses nan
             problems.append(f"--studentt-df must be positive, not {self.studentt_df}")
         problems += self._combination_errors()

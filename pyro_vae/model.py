@@ -47,7 +47,7 @@ class VAE(nn.Module):
         self.conditional = conditional
         self.num_classes = num_classes  # of the label y, with conditional
         self.num_data = num_data  # size of the training set, so a minibatch estimates the whole-data ELBO
-        self.kl_weight = 1.0  # beta (times the warm-up factor): scales log p(z) and log q(z | x) alike
+        self.kl_weight = 1.0  # beta (times the warm-up factor; 0 under free bits): on log p(z) and log q(z | x) alike
         self.classifier_weight = classifier_weight  # weight of log q(y | x) on labelled images (Kingma M2)
         # between the layers: top_down[l-1] gives p(z_l | z_l+1), bottom_up[l-1] q(z_l+1 | z_l) or the ladder's
         # rung l; empty with one layer (no parameters, so one layer's state_dict is the plain VAE's)
@@ -68,6 +68,13 @@ class VAE(nn.Module):
             yield
         finally:
             self.declare_modules = True
+
+    def _latent_weight(self):
+        """The KL weight on every layer's log p(z_l | ...) and log q(z_l | ...): a poutine.scale; a weight of 0 (free
+        bits, under the floor) a poutine.mask, as Pyro asks in place of a scale of 0."""
+        if not torch.is_tensor(self.kl_weight) and self.kl_weight == 0:
+            return poutine.mask(mask=False)
+        return poutine.scale(scale=self.kl_weight)
 
     def _data_plate(self, x: torch.Tensor) -> pyro.plate:
         # x is already a random minibatch: the plate only needs its size to scale log-probs by N / B. Told the
@@ -100,7 +107,7 @@ class VAE(nn.Module):
             if self.conditional:
                 uniform = torch.zeros(self.num_classes, device=x.device)
                 y = pyro.sample("y", dist.Categorical(logits=uniform), obs=labels)  # (B,), or enumerated (10, 1)
-            with poutine.scale(scale=self.kl_weight):  # beta on every layer
+            with self._latent_weight():  # beta on every layer
                 z = pyro.sample(self.sites[-1], self.prior(y))  # the top layer z_L: (B, its width)
                 for site, net in zip(reversed(self.sites[:-1]), reversed(self.top_down)):
                     z = pyro.sample(site, dist.Normal(*net(z)).to_event(1))  # z_l ~ p(z_l | z_l+1)
@@ -128,7 +135,7 @@ class VAE(nn.Module):
                     pyro.module("classifier", self.classifier)
                 y = pyro.sample("y", dist.Categorical(logits=self.classifier(x)),
                                 infer={"enumerate": "parallel"})
-            with poutine.scale(scale=self.kl_weight):
+            with self._latent_weight():
                 if self.ladder:
                     self._ladder_guide(x)
                     return

@@ -18,6 +18,7 @@ FOLDER = "tensorboard"  # in the run directory
 TAGS = {  # metrics.jsonl's field -> its TensorBoard tag; a field a run does not have is not written
     "train_objective": "train/objective",
     "kl_weight": "train/kl_weight",
+    "kl_floored": "train/kl_floored",
     "test_elbo": "test/elbo",
     "test_kl": "test/kl",
     "test_accuracy": "test/accuracy",

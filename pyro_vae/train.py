@@ -215,6 +215,23 @@ def kl_weight(config: Config, epochs_done: float) -> float:
     return config.beta * min(1.0, epochs_done / config.kl_warmup_epochs)
 
 
+def free_bits_weight(vae, x: torch.Tensor, y: torch.Tensor | None, weight: float, config: Config) -> float:
+    """The KL weight of a step under free bits (Kingma et al. 2016, one group): `weight`, or 0 where the
+    minibatch's KL term is under config.free_bits nats per image.
+
+    Free bits make the objective's KL term max(free_bits, KL), KL the minibatch's mean: its gradient is the KL's
+    above the floor and 0 under it. So under it the step's KL weight is 0 and Pyro's ELBO fits log p(x | z)
+    alone, which lets the encoder put more into z. The KL is a single-sample estimate on the step's own images,
+    from a draw of z of its own (one more forward pass, without gradients); under torchrun each rank decides on
+    its own shard.
+    """
+    if not config.free_bits or not weight:
+        return weight
+    with torch.no_grad(), precision.autocast(config.precision, x.device):
+        kl = elbo_and_kl_per_image(vae, x, y, batch_size=len(x))[1].mean()
+    return weight if kl.item() > config.free_bits else 0.0
+
+
 @torch.no_grad()
 def test_figures(trained: TrainedVAE, data) -> dict:
     """Unweighted test ELBO and its KL term (nats per image) and, for a model with a classifier, the accuracy of
@@ -228,13 +245,13 @@ def test_figures(trained: TrainedVAE, data) -> dict:
 
 
 def _end_of_epoch(trained: TrainedVAE, data, out: Path, epoch: int, step: int, losses: list[float],
-                  seconds: float, board=None) -> dict:
+                  seconds: float, board=None, floored: int = 0) -> dict:
     """Evaluate, draw the epoch's pictures, print its line and append it to metrics.jsonl (and, with a board,
     write both to TensorBoard).
 
     `train_objective` is the mean of what SVI maximized over the epoch, per image: the ELBO only with
-    --beta 1, no KL warm-up, no classifier term and --elbo trace or meanfield (--elbo iwae: the K-sample
-    bound). `test_elbo` is always the unweighted ELBO.
+    --beta 1, no KL warm-up or free bits, no classifier term and --elbo trace or meanfield (--elbo iwae: the
+    K-sample bound). `test_elbo` is always the unweighted ELBO.
     """
     config, vae = trained.config, trained.vae
     vae.eval()
@@ -248,6 +265,8 @@ def _end_of_epoch(trained: TrainedVAE, data, out: Path, epoch: int, step: int, l
     row = {"epoch": epoch, "step": step, "train_objective": -sum(losses) / len(losses) / data.num_train, **figures,
            "seconds": seconds, "images_per_s": len(losses) * config.batch_size / seconds,
            "kl_weight": vae.kl_weight}
+    if config.free_bits:
+        row["kl_floored"] = floored / len(losses)  # the fraction of the epoch's steps free bits left without a KL term
     accuracy = f"  accuracy {figures['test_accuracy']:.4f}" if "test_accuracy" in figures else ""
     print(f"epoch {epoch:3d}/{config.epochs}  train objective {row['train_objective']:9.2f}  "
           f"test ELBO {figures['test_elbo']:9.2f}{accuracy}  {seconds:6.1f} s  "
@@ -410,6 +429,7 @@ def _loop(config: Config, out: Path, state: dict | None, ranks: distributed.Rank
     svi = SVIStep(vae, config, ranks, stop)
 
     epoch, step, plan, position, losses, best = 1, 0, None, 0, [], -math.inf
+    floored = 0  # this epoch's steps whose KL weight free bits set to 0
     pending = []  # this epoch's losses not yet read from the device
     seconds_before = 0.0  # of an epoch interrupted and resumed: the time its first part took
     if state is not None:
@@ -422,6 +442,7 @@ def _loop(config: Config, out: Path, state: dict | None, ranks: distributed.Rank
         if state.get("plan") is not None:  # interrupted inside an epoch: finish that epoch's plan
             plan = [(idx.to(device), labelled) for idx, labelled in zip(state["plan"], state["plan_labelled"])]
             position, losses = state["position"], list(state["epoch_losses"])
+            floored = state.get("epoch_floored", 0)
             seconds_before = state.get("epoch_seconds", 0.0)
     # where each process of the run began (a start, then each --resume): what a results row says was resumed
     began = {"step": step, "began": datetime.now().isoformat(timespec="seconds"), "device": str(device),
@@ -449,7 +470,9 @@ def _loop(config: Config, out: Path, state: dict | None, ranks: distributed.Rank
             for i in range(position, len(plan)):
                 indices, labelled = plan[i]
                 x, y = data.batch(indices.chunk(ranks.world)[ranks.rank], labelled)  # this rank's shard
-                vae.kl_weight = kl_weight(config, epoch - 1 + (i + 1) / len(plan))
+                vae.kl_weight = free_bits_weight(vae, x, y, kl_weight(config, epoch - 1 + (i + 1) / len(plan)),
+                                                 config)
+                floored += config.free_bits > 0 and vae.kl_weight == 0
                 pending.append(svi.step(x, y))  # on the device; read every LOSS_READ_EVERY steps, not each step
                 step += 1
                 bar.update()
@@ -465,6 +488,7 @@ def _loop(config: Config, out: Path, state: dict | None, ranks: distributed.Rank
                     if ranks.is_main:
                         checkpoint(epoch - 1, rng, plan=[idx.cpu() for idx, _ in plan],
                                    plan_labelled=[lab for _, lab in plan], position=i + 1, epoch_losses=losses,
+                                   epoch_floored=floored,
                                    epoch_seconds=time.perf_counter() - start)
                     raise Interrupted(out, stop.signum or signal.SIGTERM)  # SIGTERM: another rank's signal
                 if step == config.max_steps:
@@ -473,7 +497,7 @@ def _loop(config: Config, out: Path, state: dict | None, ranks: distributed.Rank
             seconds = time.perf_counter() - start
             rng = distributed.all_gather(_rng_state(device), ranks)
             if ranks.is_main:  # evaluation, pictures and checkpoints are rank 0's
-                figures = _end_of_epoch(trained, data, out, epoch, step, losses, seconds, board)
+                figures = _end_of_epoch(trained, data, out, epoch, step, losses, seconds, board, floored)
                 improved, best = figures["test_elbo"] > best, max(best, figures["test_elbo"])
                 snapshot = checkpoint(epoch, rng)
                 if improved:
@@ -482,7 +506,7 @@ def _loop(config: Config, out: Path, state: dict | None, ranks: distributed.Rank
                 raise Interrupted(out, stop.signum or signal.SIGTERM)
             if stop_after and epoch - first_epoch + 1 >= stop_after and epoch < config.epochs:
                 raise Paused(out, stop_after)  # the same on every rank: each counts the same epochs
-            epoch, plan, position, losses, seconds_before = epoch + 1, None, 0, [], 0.0
+            epoch, plan, position, losses, seconds_before, floored = epoch + 1, None, 0, [], 0.0, 0
     if not ranks.is_main:
         return out
     plot.loss_curve(out)

@@ -358,3 +358,24 @@ def test_the_loop_warms_the_kl_weight_up_step_by_step_from_its_first_step(data_d
     assert weights == [0.5, 1.0, 1.5, 2.0]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["kl_weight"] for r in rows] == [1.0, 2.0]
+
+
+def test_the_loop_takes_the_kl_term_out_of_every_step_under_a_free_bits_floor_no_batch_reaches(
+        data_dir, tmp_path, monkeypatch):
+    """--free-bits 1000 nats (no batch of an untrained 2-d latent comes near): every step's weight is 0, so its
+    objective is log p(x | z) alone, and metrics.jsonl says that all of the epoch's steps were floored."""
+    real_step, weights = SVIStep.step, []
+
+    def recording_step(self, *args, **kwargs):
+        weights.append(self.vae.kl_weight)
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(SVIStep, "step", recording_step)
+    run = tmp_path / "free"
+    assert main(["--free-bits", "1000", "--kl-warmup-epochs", "2", "--epochs", "1", "--batch-size", "64",
+                 "--train-size", "192", "--test-size", "64", "--latent-dim", "2", "--conv-channels", "4", "8",
+                 "--data-dir", str(data_dir), "--device", "cpu", "--out", str(run)]) == 0
+    assert weights == [0.0, 0.0, 0.0]
+    row = json.loads((run / "metrics.jsonl").read_text())
+    assert row["kl_floored"] == 1.0 and row["kl_weight"] == 0.0
+    assert json.loads((run / "config.json").read_text())["free_bits"] == 1000

@@ -14,9 +14,9 @@ from pyro_vae import Config, build_vae
 from pyro_vae.trained import TrainedVAE
 from pyro_vae.config import parse_args
 from pyro_vae.data import load_mnist
-from pyro_vae.evaluate import log_weights
+from pyro_vae.evaluate import elbo_and_kl_per_image, log_weights
 from pyro_vae.priors import LabelConditional
-from pyro_vae.train import SVIStep, kl_weight, make_elbo
+from pyro_vae.train import SVIStep, free_bits_weight, kl_weight, make_elbo
 
 VARIANTS = {
     "prior normal": {},
@@ -114,11 +114,13 @@ def test_cvae_learns_class_means_that_move_apart(datasets, data_dir):
     assert not torch.equal(sevens, trained.sample(4, y=1))
 
 
-def test_kl_weight_scales_exactly_the_latent_terms(data_dir):
-    """With weight b the loss is -(log p(x|z) + b (log p(z) - log q(z|x))): no loss code, a poutine.scale."""
+@pytest.mark.parametrize("weight", [0.25, 0.0])
+def test_kl_weight_scales_exactly_the_latent_terms(data_dir, weight):
+    """With weight b the loss is -(log p(x|z) + b (log p(z) - log q(z|x))): no loss code, a poutine.scale (for
+    b = 0, under free bits, a poutine.mask)."""
     vae = build_vae(_config(data_dir))
     x = torch.rand(6, 1, 28, 28).bernoulli()
-    vae.kl_weight = 0.25
+    vae.kl_weight = weight
     pyro.set_rng_seed(3)
     loss = Trace_ELBO().loss(vae.model, vae.guide, x)
     pyro.set_rng_seed(3)
@@ -128,7 +130,7 @@ def test_kl_weight_scales_exactly_the_latent_terms(data_dir):
     guide_trace.compute_log_prob()
     reconstruction = model_trace.nodes["x"]["unscaled_log_prob"].sum()
     latent = model_trace.nodes["z"]["unscaled_log_prob"].sum() - guide_trace.nodes["z"]["unscaled_log_prob"].sum()
-    assert loss == pytest.approx(-(reconstruction + 0.25 * latent).item(), rel=1e-5)
+    assert loss == pytest.approx(-(reconstruction + weight * latent).item(), rel=1e-5)
     # the reported figure is always the unweighted ELBO
     pyro.set_rng_seed(3)
     assert log_weights(vae, x)[0].sum().item() == pytest.approx((reconstruction + latent).item(), rel=1e-5)
@@ -138,6 +140,28 @@ def test_kl_warmup_schedule():
     config = Config(beta=4.0, kl_warmup_epochs=2.0)
     assert [kl_weight(config, e) for e in (0.5, 1.0, 2.0, 5.0)] == [1.0, 2.0, 4.0, 4.0]
     assert kl_weight(Config(beta=0.5), 0.1) == 0.5
+
+
+def test_free_bits_drop_the_kl_term_exactly_where_the_minibatch_kl_is_under_the_floor(data_dir):
+    """The step's KL weight is 0 where the batch's mean KL term (single-sample, unscaled, nats per image) is under
+    --free-bits and the warm-up's weight where it is over; the floor is set just either side of that estimate, made
+    from the same draw of z."""
+    vae = build_vae(_config(data_dir, latent_dim=8))
+    x = torch.rand(64, 1, 28, 28, generator=torch.Generator().manual_seed(0)).bernoulli()
+    vae.kl_weight = 0.3  # the estimate must not read the weight: it is unscaled
+    pyro.set_rng_seed(5)
+    kl = elbo_and_kl_per_image(vae, x)[1].mean().item()
+    assert kl > 0.1  # an untrained encoder's q is far from the prior: the floors below are both positive
+    for floor, expected in ((kl * 0.999, 0.7), (kl * 1.001, 0.0)):
+        pyro.set_rng_seed(5)
+        assert free_bits_weight(vae, x, None, 0.7, _config(data_dir, free_bits=floor)) == expected
+    assert free_bits_weight(vae, x, None, 0.7, _config(data_dir)) == 0.7  # off: no estimate, the weight as it was
+
+
+def test_free_bits_refuse_the_importance_weighted_bound():
+    with pytest.raises(SystemExit) as info:
+        parse_args(["--free-bits", "4", "--elbo", "iwae", "--num-particles", "2"])
+    assert info.value.code == 2
 
 
 @pytest.mark.parametrize("num_data", [3, 3000])
