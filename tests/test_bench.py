@@ -175,3 +175,19 @@ def test_step_cost_compares_each_variant_with_the_default_step(tmp_path, data_di
     with pytest.raises(SystemExit) as exit_info:  # a variant's flags are the trainer's, checked by its parser
         step_cost.main(["--prior nonsense", "--device", "cpu"])
     assert exit_info.value.code == 2
+
+
+def test_startup_times_each_piece_of_a_short_training_run(data_dir, capsys):
+    """benchmarks/startup.py runs the trainer's own main and times every piece it wraps, each once; the wrappers
+    are taken off again."""
+    from benchmarks import startup
+    from pyro_vae import train as train_module
+
+    end_of_epoch = train_module._end_of_epoch
+    assert startup.main(["--", "--train-size", "64", "--test-size", "32", "--batch-size", "16", "--latent-dim", "2",
+                         "--conv-channels", "4", "8", "--data-dir", str(data_dir), "--device", "cpu"]) == 0
+    seconds = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(seconds) == {"import pyro_vae", *startup.PIECES.values(), "whole process"}
+    assert all(value >= 0 for value in seconds.values()) and seconds["end of epoch"] > 0
+    assert seconds["whole process"] >= seconds["end of epoch"] + seconds["first step"]
+    assert train_module._end_of_epoch is end_of_epoch
