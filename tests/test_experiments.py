@@ -1,6 +1,7 @@
 """The experiments runner: every config is valid, and a tiny experiment adds a real row to the table."""
 
 import csv
+import dataclasses
 import json
 import tomllib
 from pathlib import Path
@@ -131,3 +132,29 @@ def test_the_variant_column_writes_flags_as_they_are_typed(runner):
     config = Config(layers=3, upper_dims=(16, 8), guide="ladder")
     assert runner._variant(config) == "--layers 3 --upper-dims 16 8 --guide ladder"
     assert runner._variant(Config()) == "defaults"
+
+
+def test_paired_logpx_differences_runs_on_the_same_images_and_draws(experiment_script, small_config, capsys,
+                                                                   monkeypatch):
+    """One run against itself: the same draws from the same seed, so a difference of exactly 0 ± 0; the stderr is
+    the per-image differences' standard deviation over sqrt(n), not their variance."""
+    import pyro_vae
+    from pyro_vae.train import train
+
+    paired = experiment_script("paired_logpx")
+    run = train(dataclasses.replace(small_config, epochs=1))
+    capsys.readouterr()  # the training's lines
+    assert paired.main([str(run), str(run), "--limit", "8", "--k", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[1].endswith("+0.000 +- 0.000 against the first")
+    trained = pyro_vae.load(run)
+    fixed = {0: torch.zeros(4), 1: torch.tensor([1.0, 3.0, 1.0, 3.0])}  # differences: std 1.1547, n = 4
+    calls = iter(range(2))
+    monkeypatch.setattr(paired, "per_image_log_px", lambda *args: fixed[next(calls)])
+    rows = paired.paired([trained, trained], torch.zeros(4, 1, 28, 28), 3, 0)
+    assert rows[1]["difference"] == pytest.approx(2.0) and rows[1]["stderr"] == pytest.approx(1.1547005 / 2)
+    with pytest.raises(SystemExit) as info:
+        paired.main([str(run), "--limit", "8"])  # one run: nothing to pair
+    assert info.value.code == 2
+    assert paired.main([str(run), str(run.parent / "missing")]) == 1
+    assert "error: " in capsys.readouterr().err
