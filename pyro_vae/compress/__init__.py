@@ -540,11 +540,11 @@ def marginals(trained: TrainedVAE, images: np.ndarray, labels: np.ndarray | None
         torch.manual_seed(0)
         for site in program.sites:  # bottom-up: q(z | x), q(z2 | z), ...
             d = program.site("guide", site, x, y, values)
-            if site == "z":  # MAX_BATCH images at a time: a base-space fit holds FIT_DRAWS draws of each image
+            if site == "z" and program.base_space:  # MAX_BATCH images at a time: the fit holds FIT_DRAWS draws of each
                 parts = [program.proposal(x[i:i + MAX_BATCH], None if y is None else y[i:i + MAX_BATCH])
                          for i in range(0, len(x), MAX_BATCH)]
                 loc, scale = (torch.cat([part[j] for part in parts]) for j in (0, 1))
-            else:
+            else:  # q's own loc and scale: the proposal where no flow is coded in a base space
                 loc, scale = d.base_dist.loc, d.base_dist.scale
             loc, scale = loc.double(), scale.double()
             if scale.dim() > loc.dim():  # a Cholesky factor: each dimension's deviation is its row's length
