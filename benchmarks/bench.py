@@ -44,7 +44,7 @@ from pyro_vae.data import IMAGE_SHAPE, MNIST, MNIST_TEST, MNIST_TRAIN, NUM_CLASS
 from pyro_vae.model import build_vae
 from pyro_vae.nets import make_nets
 from pyro_vae.precision import autocast
-from pyro_vae.train import SVIStep, make_elbo
+from pyro_vae.train import SVIStep, free_bits_weight, make_elbo
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -150,12 +150,15 @@ class ProjectTrainer:
         # which also stands for the loop's pyro.clear_param_store().
         self._store = {"params": {}, "constraints": {}}
         self.svi = SVIStep(self.vae, config)
+        self.config, self.weight = config, self.vae.kl_weight
 
     def scope(self) -> AbstractContextManager:
         """This side's parameter store, swapped in around a block of steps."""
         return pyro.get_param_store().scope(self._store)
 
     def step(self, x: torch.Tensor) -> float:
+        # the loop's own decision under --free-bits (its estimate is part of the step's cost); else the weight as is
+        self.vae.kl_weight = free_bits_weight(self.vae, x, None, self.weight, self.config)
         return self.svi.step(x, None)  # unlabelled, as the loop's batches of this model are
 
 

@@ -20,6 +20,8 @@ from typing import NamedTuple
 import pyro
 import torch
 from pyro import poutine
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.runtime import NonlocalExit
 from pyro.poutine.util import site_is_subsample
 from tqdm import tqdm
 
@@ -94,6 +96,40 @@ def elbo_and_kl_per_image(vae, images: torch.Tensor, labels: torch.Tensor | None
         elbos.append((_log_prob(model_trace) - _log_prob(guide_trace)).reshape(-1))
         kls.append(sum(_latent_log_ratios(model_trace, guide_trace).values()).reshape(-1))  # log-probs computed above
     return torch.cat(elbos), torch.cat(kls)
+
+
+class _LeaveAfter(Messenger):
+    """Leaves the program it wraps (a NonlocalExit) once each of `names` has been drawn: what comes after them,
+    the decoder and the likelihood, does not run. A trace outside it has recorded those sites by then."""
+
+    def __init__(self, names: set[str]):
+        super().__init__()
+        self.left = set(names)
+
+    def _postprocess_message(self, msg) -> None:
+        self.left.discard(msg["name"])
+        if not self.left:
+            raise NonlocalExit(msg)
+
+
+@torch.no_grad()
+def kl_per_image(vae, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    """The KL term of each image, log q(z | x) - log p(z) at one draw z ~ q, shape (B,): the same draw and figure
+    as `elbo_and_kl_per_image`'s, but the model is left once its latent sites are drawn, so the decoder (most of
+    the cost with a PixelCNN likelihood) does not run. Free bits decide each training step on it."""
+    with pyro.plate("samples", 1, dim=-2, device=x.device):
+        guide_trace = poutine.trace(vae.guide).get_trace(x, y)
+        latents = {name for name, site in guide_trace.nodes.items()
+                   if site["type"] == "sample" and not site_is_subsample(site) and name != "y"}
+        model = poutine.trace(poutine.replay(_LeaveAfter(latents)(vae.model), trace=guide_trace))
+        try:
+            model(x, y)
+        except NonlocalExit:
+            pass
+    model_trace = model.msngr.get_trace()
+    for trace in (model_trace, guide_trace):
+        trace.compute_log_prob(lambda name, site: not site_is_subsample(site))
+    return sum(_latent_log_ratios(model_trace, guide_trace).values()).reshape(-1)
 
 
 class Estimates(NamedTuple):

@@ -27,7 +27,7 @@ from .config import Config, parse_command_line
 from .data import DataError
 from .datasets import fill_config, load_data
 from .estimators import make_elbo  # noqa: F401 (tests and benchmarks import it from here)
-from .evaluate import elbo_and_kl_per_image
+from .evaluate import elbo_and_kl_per_image, kl_per_image
 from . import distributed, plot, precision
 from .model import build_vae
 from .step import GRAPH_WARMUP_STEPS, MAX_GRAPHS, Objective, SVIStep  # noqa: F401 (SVIStep's home is step.py)
@@ -222,13 +222,13 @@ def free_bits_weight(vae, x: torch.Tensor, y: torch.Tensor | None, weight: float
     Free bits make the objective's KL term max(free_bits, KL), KL the minibatch's mean: its gradient is the KL's
     above the floor and 0 under it. So under it the step's KL weight is 0 and Pyro's ELBO fits log p(x | z)
     alone, which lets the encoder put more into z. The KL is a single-sample estimate on the step's own images,
-    from a draw of z of its own (one more forward pass, without gradients); under torchrun each rank decides on
-    its own shard.
+    from a draw of z of its own (one more pass of the guide and the prior, without gradients and without the
+    decoder: `kl_per_image`); under torchrun each rank decides on its own shard.
     """
     if not config.free_bits or not weight:
         return weight
     with torch.no_grad(), precision.autocast(config.precision, x.device):
-        kl = elbo_and_kl_per_image(vae, x, y, batch_size=len(x))[1].mean()
+        kl = kl_per_image(vae, x, y).mean()
     return weight if kl.item() > config.free_bits else 0.0
 
 

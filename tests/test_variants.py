@@ -14,7 +14,7 @@ from pyro_vae import Config, build_vae
 from pyro_vae.trained import TrainedVAE
 from pyro_vae.config import parse_args
 from pyro_vae.data import load_mnist
-from pyro_vae.evaluate import elbo_and_kl_per_image, log_weights
+from pyro_vae.evaluate import elbo_and_kl_per_image, kl_per_image, log_weights
 from pyro_vae.priors import LabelConditional
 from pyro_vae.train import SVIStep, free_bits_weight, kl_weight, make_elbo
 
@@ -156,6 +156,34 @@ def test_free_bits_drop_the_kl_term_exactly_where_the_minibatch_kl_is_under_the_
         pyro.set_rng_seed(5)
         assert free_bits_weight(vae, x, None, 0.7, _config(data_dir, free_bits=floor)) == expected
     assert free_bits_weight(vae, x, None, 0.7, _config(data_dir)) == 0.7  # off: no estimate, the weight as it was
+
+
+@pytest.mark.parametrize("changes", [
+    *VARIANTS.values(),
+    {"layers": 3, "upper_dims": (3, 2)},
+    {"layers": 2, "upper_dims": (2,), "guide": "ladder"},
+    {"prior": "flow", "guide": "iaf", "likelihood": "pixelcnn", "pixelcnn_channels": 4, "pixelcnn_layers": 1,
+     "pixelcnn_gated": True},
+], ids=[*VARIANTS, "three layers", "ladder guide", "the frontier row's families"])
+def test_the_kl_that_free_bits_decide_on_is_the_evaluated_kl_without_the_decoder(data_dir, datasets, changes):
+    """kl_per_image, which each free-bits step decides on, is elbo_and_kl_per_image's KL term at the same draw of
+    z (the same seed), for every family, labelled batches included; and it leaves the model before the decoder."""
+    config = _config(data_dir, **changes)
+    vae = build_vae(config)
+    data = _data(datasets, config)
+    x = torch.bernoulli(data.train_images[:16], generator=torch.Generator().manual_seed(0))
+    y = data.train_labels[:16] if config.conditional else None
+    calls = []
+    vae.decoder.register_forward_hook(lambda module, args, output: calls.append(1))
+    pyro.set_rng_seed(11)
+    expected = elbo_and_kl_per_image(vae, x, y)[1]
+    assert calls, "the full evaluation runs the decoder"
+    calls.clear()
+    pyro.set_rng_seed(11)
+    kl = kl_per_image(vae, x, y)
+    assert not calls
+    assert kl.shape == (16,)
+    torch.testing.assert_close(kl, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_free_bits_refuse_the_importance_weighted_bound():
