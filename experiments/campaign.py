@@ -10,9 +10,9 @@ of it, and no machine starts with under 4 minutes left. So one start, then a fir
 FIRST_CALL_S (8 minutes) that yields the most, in this order (STEPS): the CUDA tests, most important
 first (stopped at 2 minutes); the benchmark at batch 128 and 512, eager and captured, against the
 hand-written step (stopped at 1.5 minutes); conv32 in full (100 epochs), evaluated with K=1000 on all
-10,000 test images. A second call follows only if the window has time left; it does what is left,
-then the autoregressive row (pixelcnn_gpu, 300 epochs: as many as fit, resumed by later windows) and the
-semi-supervised rows. Each call prints its plan with estimated seconds before it starts.
+10,000 test images. Then, in the time left or in a second call (only if the window has time left): the
+frontier's best short row in full (pixelcnn_flow_iaf_32x6_freebits16, 100 epochs), the autoregressive row
+(pixelcnn_gpu, 300 epochs: as many as fit, resumed by later windows) and the semi-supervised rows. Each call prints its plan with estimated seconds before it starts.
 Rows that cannot fit a window (OUT_OF_PLAN: best, the K = 50 IWAE rows, the 300-epoch moonshot) are
 not in the plan; `--only NAME` still runs one.
 
@@ -67,9 +67,10 @@ BENCH_TINY_ARGS = ["--synthetic", "--train-size", "256", "--test-size", "64", "-
                    "--eval-repeats", "1", "--ll-images", "4", "--ll-k", "4", "--ll-chunk", "4"]
 CUDA_TESTS = ["-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider", "--durations", "15", "tests/test_cuda.py"]
 FULL_RUNS = ["conv32"]  # in the first call: 100 epochs
-# a second call, if the window has time left: the autoregressive model for as many of its 300 epochs as fit (a
-# stopped run resumes in the next window), then the semi-supervised rows
-MORE_RUNS = ["pixelcnn_gpu", "semi_supervised", "semi_supervised_conv"]
+# then, in the first call's time left or a second call: issue 39's best short row in full (100 epochs; on the CPU
+# about 14 hours at 1 thread), the autoregressive model for as many of its 300 epochs as fit (a stopped run resumes
+# in the next window), then the semi-supervised rows
+MORE_RUNS = ["pixelcnn_flow_iaf_32x6_freebits16", "pixelcnn_gpu", "semi_supervised", "semi_supervised_conv"]
 STEPS = ["cuda-tests", "bench", *FULL_RUNS, *MORE_RUNS]
 OUT_OF_PLAN = ["best", "ablation_elbo_iwae_50", "hierarchical_iwae", "hierarchical_moonshot"]  # cannot fit a window
 STEP_LIMITS = {"cuda-tests": 120, "bench": 90}  # seconds: the command is stopped there
@@ -80,10 +81,11 @@ STEP_LIMITS = {"cuda-tests": 120, "bench": 90}  # seconds: the command is stoppe
 # measured captured step instead.
 ESTIMATES = {"cuda-tests": 60, "bench": 40}
 EPOCH_S = {"conv32": 0.6, "semi_supervised": 0.5, "semi_supervised_conv": 0.6,  # one epoch's training steps
-           "pixelcnn_gpu": 1.8}  # a guess: the CPU step costs about 3x conv32's; not yet measured on a GPU
+           "pixelcnn_gpu": 1.8,  # a guess: the CPU step costs about 3x conv32's; not yet measured on a GPU
+           "pixelcnn_flow_iaf_32x6_freebits16": 4.0}  # a guess: its CPU step is 8x conv32's (benchmarks/step_cost.py)
 EPOCH_END_S = 0.3  # each epoch's test ELBO, pictures and checkpoint
 EVAL_S = {"conv32": 20, "semi_supervised": 10, "semi_supervised_conv": 10,  # K = 1000 on 10,000 test images
-          "pixelcnn_gpu": 60}
+          "pixelcnn_gpu": 60, "pixelcnn_flow_iaf_32x6_freebits16": 150}  # guesses: the decoder is 4x pixelcnn_gpu's
 GUESS_EPOCH_S, GUESS_EVAL_S = 10.0, 60.0  # a row without an estimate of its own
 STEPS_PER_EPOCH_128 = 60000 // 128
 
