@@ -291,6 +291,9 @@ def build_sides(config: Config, num_data: int, args: argparse.Namespace) -> dict
         bf16 = dataclasses.replace(config, precision="bf16")
         makers["project-bf16"] = lambda: ProjectTrainer(bf16, num_data, device)
         makers["yardstick-bf16"] = lambda: Yardstick(bf16, num_data, device)
+        if "project-graph" in makers:  # bf16 inside the captured step (issue 40, item 4)
+            makers["project-graph-bf16"] = lambda: ProjectTrainer(dataclasses.replace(bf16, cuda_graph=True),
+                                                                   num_data, device)
     sides = {}
     for name, make in makers.items():
         torch.manual_seed(config.seed)  # make_nets draws the same initial weights for every side
@@ -320,7 +323,7 @@ def bench_training(config: Config, data: MNIST, args: argparse.Namespace) -> dic
     result["ratio"] = result["sides"]["project"]["ratio_to_yardstick"]
     if "project-bf16" in times:  # issue 40's bars: bf16 trainer against fp32 trainer and against bf16 yardstick
         result["bf16"] = {f"{a}/{b}": statistics.median(x / y for x, y in zip(times[a]["wall"], times[b]["wall"]))
-                          for a, b in BF16_PAIRS}
+                          for a, b in BF16_PAIRS if a in times and b in times}
     if device.type == "cuda":
         result["peak_memory_bytes"] = {name: peak_cuda_bytes(side, draw, device) for name, side in sides.items()}
     else:
@@ -457,7 +460,8 @@ def format_training_row(result: dict) -> str:
 
 
 # issue 40's ratios, each the median over the interleaved pairs of blocks, and their bars (EPYC, batch 128)
-BF16_PAIRS = (("project-bf16", "project"), ("project-bf16", "yardstick-bf16"), ("yardstick-bf16", "yardstick"))
+BF16_PAIRS = (("project-bf16", "project"), ("project-bf16", "yardstick-bf16"), ("yardstick-bf16", "yardstick"),
+              ("project-graph-bf16", "project-graph"))  # the last on CUDA only
 BF16_BARS = {"project-bf16/project": 0.80, "project-bf16/yardstick-bf16": 1.0}
 
 # the GPU bars of issue 20, as ratios to the eager yardstick at batch 128

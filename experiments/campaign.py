@@ -9,10 +9,11 @@ A window is WINDOW_S (15 minutes) of device time, all tries together; a machine 
 of it, and no machine starts with under 4 minutes left. So one start, then a first call of at most
 FIRST_CALL_S (8 minutes) that yields the most, in this order (STEPS): the CUDA tests, most important
 first (stopped at 2 minutes); the benchmark at batch 128 and 512, eager and captured, against the
-hand-written step (stopped at 1.5 minutes); conv32 in full (100 epochs), evaluated with K=1000 on all
-10,000 test images. Then, in the time left or in a second call (only if the window has time left): the
+hand-written step, in fp32 and in bf16 (stopped at 2 minutes); conv32 in full (100 epochs), evaluated with
+K=1000 on all 10,000 test images. Then, in the time left or in a second call (only if the window has time left): the
 frontier's best short row in full (pixelcnn_flow_iaf_32x6_freebits16, 100 epochs), the autoregressive row
-(pixelcnn_gpu, 300 epochs: as many as fit, resumed by later windows) and the semi-supervised rows. Each call prints its plan with estimated seconds before it starts.
+(pixelcnn_gpu, 300 epochs: as many as fit, resumed by later windows) and the semi-supervised rows. Each call
+prints its plan with estimated seconds before it starts.
 Rows that cannot fit a window (OUT_OF_PLAN: best, the K = 50 IWAE rows, the 300-epoch moonshot) are
 not in the plan; `--only NAME` still runs one.
 
@@ -60,11 +61,11 @@ MIN_START_LEFT_S = 4 * 60  # no machine starts with less left
 FIRST_CALL_S = 8 * 60  # the first call's budget (the device tool allows 600 s a command)
 
 BENCH_COMMAND = ["-m", "benchmarks.bench"]  # how `python` runs the benchmark: the one place to repoint it
-BENCH_ARGS = ["--batch-size", "128", "512", "--steps", "25", "--repeats", "10", "--warmup", "1",
+BENCH_ARGS = ["--bf16", "--batch-size", "128", "512", "--steps", "25", "--repeats", "10", "--warmup", "1",
               "--eval-repeats", "1", "--ll-images", "200"]
-BENCH_TINY_ARGS = ["--synthetic", "--train-size", "256", "--test-size", "64", "--batch-size", "16", "--arch", "mlp",
-                   "--hidden-dim", "16", "--latent-dim", "4", "--steps", "1", "--repeats", "1", "--warmup", "0",
-                   "--eval-repeats", "1", "--ll-images", "4", "--ll-k", "4", "--ll-chunk", "4"]
+BENCH_TINY_ARGS = ["--bf16", "--synthetic", "--train-size", "256", "--test-size", "64", "--batch-size", "16",
+                   "--arch", "mlp", "--hidden-dim", "16", "--latent-dim", "4", "--steps", "1", "--repeats", "1",
+                   "--warmup", "0", "--eval-repeats", "1", "--ll-images", "4", "--ll-k", "4", "--ll-chunk", "4"]
 CUDA_TESTS = ["-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider", "--durations", "15", "tests/test_cuda.py"]
 FULL_RUNS = ["conv32"]  # in the first call: 100 epochs
 # then, in the first call's time left or a second call: issue 39's best short row in full (100 epochs; on the CPU
@@ -73,13 +74,13 @@ FULL_RUNS = ["conv32"]  # in the first call: 100 epochs
 MORE_RUNS = ["pixelcnn_flow_iaf_32x6_freebits16", "pixelcnn_gpu", "semi_supervised", "semi_supervised_conv"]
 STEPS = ["cuda-tests", "bench", *FULL_RUNS, *MORE_RUNS]
 OUT_OF_PLAN = ["best", "ablation_elbo_iwae_50", "hierarchical_iwae", "hierarchical_moonshot"]  # cannot fit a window
-STEP_LIMITS = {"cuda-tests": 120, "bench": 90}  # seconds: the command is stopped there
+STEP_LIMITS = {"cuda-tests": 120, "bench": 120}  # seconds: the command is stopped there
 
 # Planning estimates, in seconds: an H200's figures of 2026-11-28 (docs/gpu.md) with room for a slower card
 # (the H200 took 23 s for the CUDA tests, 16 s for the bench, 0.4 s for a conv32 epoch, 8 s for its K = 1000
 # evaluation, 0.3 s for a semi-supervised epoch). Once the bench has run, conv32's epoch comes from its
 # measured captured step instead.
-ESTIMATES = {"cuda-tests": 60, "bench": 40}
+ESTIMATES = {"cuda-tests": 60, "bench": 70}  # the bench: 40 s in fp32 alone, and its bf16 sides
 EPOCH_S = {"conv32": 0.6, "semi_supervised": 0.5, "semi_supervised_conv": 0.6,  # one epoch's training steps
            "pixelcnn_gpu": 1.8,  # a guess: the CPU step costs about 3x conv32's; not yet measured on a GPU
            "pixelcnn_flow_iaf_32x6_freebits16": 4.0}  # a guess: its CPU step is 8x conv32's (benchmarks/step_cost.py)

@@ -93,7 +93,7 @@ def test_collect_keeps_the_state_and_adds_each_new_row_once(campaign, tmp_path, 
 
 
 def test_the_tiny_dry_run_prints_the_plan_of_a_15_minute_window(campaign, tmp_path, capsys):
-    """One start, then a first call of 8 minutes: the CUDA tests (stopped at 2 min), the bench (1.5 min), conv32 in
+    """One start, then a first call of 8 minutes: the CUDA tests (stopped at 2 min), the bench (2 min), conv32 in
     full with K = 1000 on all test images, all within its budget by the estimates; rows that cannot fit a window
     are not in the plan."""
     assert campaign.main(["--tiny", "--plan", "--state", str(tmp_path / "nothing")]) == 0
@@ -107,7 +107,7 @@ def test_the_tiny_dry_run_prints_the_plan_of_a_15_minute_window(campaign, tmp_pa
     first_call = plan[:4]
     assert [what for what, _, _ in first_call] == ["cuda-tests", "bench", "conv32 training", "conv32 evaluation"]
     notes = {what: note for what, _, note in plan}
-    assert notes["cuda-tests"] == "stopped at 120 s" and notes["bench"] == "stopped at 90 s"
+    assert notes["cuda-tests"] == "stopped at 120 s" and notes["bench"] == "stopped at 120 s"
     assert notes["conv32 training"].startswith("100 of 100 epochs") and "K = 1000 on all 10,000" in notes[
         "conv32 evaluation"]
     assert sum(seconds for _, seconds, _ in first_call) <= campaign.FIRST_CALL_S - runs.budget.pack
@@ -158,6 +158,7 @@ def test_a_tiny_campaign_runs_pauses_and_a_second_call_resumes_it(campaign, tmp_
     state = json.loads((first / "state.json").read_text())
     assert state["steps"]["bench"]["status"] == "done" and state["steps"]["conv32"]["status"] == "training"
     assert "training paused at epoch 1/2" in (first / "campaign.log").read_text()
+    assert "bf16 at batch 16: project-bf16/project" in (first / "bench.txt").read_text()  # issue 40's sides too
 
     assert campaign.main([*steps, "--out", str(second), "--work", str(tmp_path / "work2"),
                           "--state", str(first)]) == 0

@@ -22,7 +22,7 @@ from pyro_vae.config import Config
 from pyro_vae.data import load_mnist
 from pyro_vae.evaluate import evaluate_run, importance_estimates
 from pyro_vae.model import build_vae
-from pyro_vae.train import GRAPH_WARMUP_STEPS, Interrupted, SVIStep, main, resume, train
+from pyro_vae.train import GRAPH_WARMUP_STEPS, Interrupted, SVIStep, free_bits_weight, main, resume, train
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -109,7 +109,7 @@ def _steps(graph: bool, config: Config, batches: list, lr: float | None = None) 
     svi = SVIStep(vae, config)
     losses = []
     for i, x in enumerate(batches):
-        vae.kl_weight = min(1.0, 0.1 * (i + 1))
+        vae.kl_weight = free_bits_weight(vae, x, None, min(1.0, 0.1 * (i + 1)), config)  # as the loop decides it
         losses.append(svi.step(x))
     return [loss.item() for loss in losses], svi
 
@@ -124,6 +124,32 @@ def test_the_captured_step_takes_the_eager_steps_under_one_seed():
     captured, svi = _steps(True, config, batches)
     assert not eager_svi._graphs and len(svi._graphs) == 1, "the step was not captured"
     assert captured == pytest.approx(eager, rel=1e-4)
+
+
+@pytest.mark.parametrize("floor", [1e-6, 1e6], ids=["never floored", "always floored"])
+def test_the_captured_step_under_free_bits_takes_the_eager_steps(floor):
+    """--free-bits: each step's KL estimate (kl_per_image) draws z eagerly between replays, and a floored step's
+    weight is 0, which the eager model applies as a poutine.mask and the graph as its weight tensor's 0: the same
+    losses step for step either way."""
+    config = _config(free_bits=floor)
+    batches = [_batch(config)[0].roll(i, 0) for i in range(GRAPH_WARMUP_STEPS + 6)]
+    eager, eager_svi = _steps(False, config, batches)
+    captured, svi = _steps(True, config, batches)
+    assert not eager_svi._graphs and len(svi._graphs) == 1, "the step was not captured"
+    assert captured == pytest.approx(eager, rel=1e-4)
+    assert captured != pytest.approx(_steps(True, _config(), batches)[0], rel=1e-4)  # free bits were on: the
+    # estimate draws z between the steps, and the floor, where it binds, takes their KL term out
+
+
+def test_bf16_inside_the_captured_step_takes_the_eager_bf16_steps():
+    """--precision bf16 on CUDA (issue 40, item 4): the captured step runs the networks under the eager step's
+    autocast, so the same losses step for step, within one bf16 rounding (2^-8) of their size, and not fp32's."""
+    batches = [_batch(_config())[0].roll(i, 0) for i in range(GRAPH_WARMUP_STEPS + 6)]
+    eager, eager_svi = _steps(False, _config(precision="bf16"), batches)
+    captured, svi = _steps(True, _config(precision="bf16"), batches)
+    assert not eager_svi._graphs and len(svi._graphs) == 1, "the step was not captured"
+    assert captured == pytest.approx(eager, rel=2 ** -8)
+    assert captured != pytest.approx(_steps(True, _config(), batches)[0], rel=1e-6)  # it did compute in bf16
 
 
 def test_captured_and_eager_steps_draw_the_same_loss_distribution():
