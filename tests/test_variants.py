@@ -175,15 +175,17 @@ def test_the_kl_that_free_bits_decide_on_is_the_evaluated_kl_without_the_decoder
     y = data.train_labels[:16] if config.conditional else None
     calls = []
     vae.decoder.register_forward_hook(lambda module, args, output: calls.append(1))
-    pyro.set_rng_seed(11)
-    expected = elbo_and_kl_per_image(vae, x, y)[1]
-    assert calls, "the full evaluation runs the decoder"
-    calls.clear()
-    pyro.set_rng_seed(11)
-    kl = kl_per_image(vae, x, y)
-    assert not calls
-    assert kl.shape == (16,)
-    torch.testing.assert_close(kl, expected, rtol=1e-5, atol=1e-5)
+    for labels in [y, None] if config.labels else [y]:  # semi-supervised: a labelled and an unlabelled batch
+        calls.clear()
+        pyro.set_rng_seed(11)
+        expected = elbo_and_kl_per_image(vae, x, labels)[1]
+        assert calls, "the full evaluation runs the decoder"
+        calls.clear()
+        pyro.set_rng_seed(11)
+        kl = kl_per_image(vae, x, labels)
+        assert not calls
+        assert kl.shape == (16,)
+        torch.testing.assert_close(kl, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_free_bits_refuse_the_importance_weighted_bound():
