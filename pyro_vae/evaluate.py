@@ -40,9 +40,14 @@ def _log_prob(trace) -> torch.Tensor:
 
     Unscaled: neither the minibatch factor N / B nor a KL weight enters a reported figure.
     """
-    trace.compute_log_prob(lambda name, site: not site_is_subsample(site))  # a plate's site: a constant 0
-    return sum(site["unscaled_log_prob"] for site in trace.nodes.values()
+    return sum(site["unscaled_log_prob"] for site in _with_log_probs(trace).nodes.values()
                if site["type"] == "sample" and not site_is_subsample(site))
+
+
+def _with_log_probs(trace):
+    """The trace, its sample sites' log-probs computed (a plate's subsample site has none: a constant 0)."""
+    trace.compute_log_prob(lambda name, site: not site_is_subsample(site))
+    return trace
 
 
 def _likelihood_log_prob(trace) -> torch.Tensor:
@@ -57,17 +62,45 @@ def _latent_log_ratios(model_trace, guide_trace) -> dict[str, torch.Tensor]:
     leaving out the label's own terms log p(y) (and, where y is inferred, log q(y | x)). The traces' log-probs
     are computed.
     """
-    return {name: site["unscaled_log_prob"] - model_trace.nodes[name]["unscaled_log_prob"]
-            for name, site in guide_trace.nodes.items()
-            if site["type"] == "sample" and not site_is_subsample(site) and name != "y"}
+    return {name: guide_trace.nodes[name]["unscaled_log_prob"] - model_trace.nodes[name]["unscaled_log_prob"]
+            for name in _latent_sites(guide_trace)}
 
 
-def _traces(model_guide, x: torch.Tensor, y: torch.Tensor | None, num_samples: int):
-    """Guide trace and the model trace replayed on it, num_samples draws of z vectorized in a plate at dim -2."""
+def _latent_sites(guide_trace) -> list[str]:
+    """The latent sites a guide trace drew (z, z2, ...): its sample sites but plates' and the label's."""
+    return [name for name, site in guide_trace.nodes.items()
+            if site["type"] == "sample" and not site_is_subsample(site) and name != "y"]
+
+
+class _LeaveAfter(Messenger):
+    """Leaves the program it wraps (a NonlocalExit) once each of `names` has been drawn: what comes after them,
+    the decoder and the likelihood, does not run. A trace outside it has recorded those sites by then."""
+
+    def __init__(self, names: list[str]):
+        super().__init__()
+        self.left = set(names)
+
+    def _postprocess_message(self, msg) -> None:
+        self.left.discard(msg["name"])
+        if not self.left:
+            raise NonlocalExit(msg)
+
+
+def _traces(model_guide, x: torch.Tensor, y: torch.Tensor | None, num_samples: int, latents_only: bool = False):
+    """Guide trace and the model trace replayed on it, num_samples draws of z vectorized in a plate at dim -2.
+    With `latents_only` the model is left once it has drawn the guide's latent sites: its trace ends there, and
+    the decoder does not run."""
     with pyro.plate("samples", num_samples, dim=-2, device=x.device):
         guide_trace = poutine.trace(model_guide.guide).get_trace(x, y)
-        model_trace = poutine.trace(poutine.replay(model_guide.model, trace=guide_trace)).get_trace(x, y)
-    return model_trace, guide_trace
+        model = model_guide.model
+        if latents_only:
+            model = _LeaveAfter(_latent_sites(guide_trace))(model)
+        model = poutine.trace(poutine.replay(model, trace=guide_trace))
+        try:
+            model(x, y)
+        except NonlocalExit:
+            pass
+    return model.msngr.get_trace(), guide_trace
 
 
 @torch.no_grad()
@@ -98,37 +131,12 @@ def elbo_and_kl_per_image(vae, images: torch.Tensor, labels: torch.Tensor | None
     return torch.cat(elbos), torch.cat(kls)
 
 
-class _LeaveAfter(Messenger):
-    """Leaves the program it wraps (a NonlocalExit) once each of `names` has been drawn: what comes after them,
-    the decoder and the likelihood, does not run. A trace outside it has recorded those sites by then."""
-
-    def __init__(self, names: set[str]):
-        super().__init__()
-        self.left = set(names)
-
-    def _postprocess_message(self, msg) -> None:
-        self.left.discard(msg["name"])
-        if not self.left:
-            raise NonlocalExit(msg)
-
-
 @torch.no_grad()
 def kl_per_image(vae, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
     """The KL term of each image, log q(z | x) - log p(z) at one draw z ~ q, shape (B,): the same draw and figure
     as `elbo_and_kl_per_image`'s, but the model is left once its latent sites are drawn, so the decoder (most of
     the cost with a PixelCNN likelihood) does not run. Free bits decide each training step on it."""
-    with pyro.plate("samples", 1, dim=-2, device=x.device):
-        guide_trace = poutine.trace(vae.guide).get_trace(x, y)
-        latents = {name for name, site in guide_trace.nodes.items()
-                   if site["type"] == "sample" and not site_is_subsample(site) and name != "y"}
-        model = poutine.trace(poutine.replay(_LeaveAfter(latents)(vae.model), trace=guide_trace))
-        try:
-            model(x, y)
-        except NonlocalExit:
-            pass
-    model_trace = model.msngr.get_trace()
-    for trace in (model_trace, guide_trace):
-        trace.compute_log_prob(lambda name, site: not site_is_subsample(site))
+    model_trace, guide_trace = (_with_log_probs(t) for t in _traces(vae, x, y, 1, latents_only=True))
     return sum(_latent_log_ratios(model_trace, guide_trace).values()).reshape(-1)
 
 
